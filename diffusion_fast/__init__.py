@@ -1,0 +1,24 @@
+"""diffusion_fast: a fast diffusion sampler engine.
+
+``diffusion_fast.sample`` drives the denoising loop (schedules in :mod:`diffusion_fast.schedules`, samplers
+in :mod:`diffusion_fast.samplers`); the hot paths are the ops in :mod:`diffusion_fast.ops`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from .samplers import SAMPLERS, sample  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in the model code; import it only when asked for.
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'diffusion_fast' has no attribute {name!r}")
+
+
+__all__ = ["SAMPLERS", "sample", "ops", "Pipeline", "__version__"]

@@ -1,0 +1,149 @@
+"""Backend registry: which implementation of an op serves a given call.
+
+Every op (``group_norm``, ``attention``, ``sampler_step``) has a reference backend ``"torch"`` and may have
+fast backends (``"triton"``, ``"cuda"``). A backend is registered by the *name of the module* that holds it,
+so that importing ``diffusion_fast`` never imports Triton or loads the CUDA extension; the module is
+imported the first time the backend is considered.
+
+A backend module defines:
+
+* ``available() -> str | None`` — ``None`` when the backend can run on this machine at all, else the reason
+  (e.g. ``"triton is not installed"``, ``"no CUDA device"``).
+* ``supports(**call) -> str | None`` — ``None`` when it can serve this particular call (shapes, dtypes,
+  device, strides), else the reason. It is called after the op's own input checks, with the same keyword
+  arguments that ``forward`` receives.
+* ``forward(**call)`` — runs the op.
+
+``backend="auto"`` walks :func:`auto_order` for the tensors' device and takes the first backend that is
+available and supports the call; an explicitly named backend that cannot serve raises
+:class:`BackendUnavailable` with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve the call; the message says why."""
+
+
+@dataclass
+class _Entry:
+    op: str
+    name: str
+    module: str
+    _mod: ModuleType | None = field(default=None, repr=False)
+    _import_error: str | None = field(default=None, repr=False)
+
+    def load(self) -> ModuleType | None:
+        if self._mod is None and self._import_error is None:
+            try:
+                self._mod = importlib.import_module(self.module)
+            except Exception as exc:  # a missing optional dependency is a reason, not a crash
+                self._import_error = f"{self.name} backend for {self.op} failed to import: {exc}"
+        return self._mod
+
+    def available(self) -> str | None:
+        mod = self.load()
+        if mod is None:
+            return self._import_error
+        return mod.available()
+
+
+_REGISTRY: dict[str, dict[str, _Entry]] = {}
+
+# Preference order of ``auto`` per op and device type. CUDA orders come from measured data (see
+# benchmarks/results/); they are overridable with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.
+_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "group_norm": {"cuda": ("triton", "cuda", "torch")},
+    "attention": {"cuda": ("triton", "cuda", "torch")},
+    "sampler_step": {"cuda": ("triton", "cuda", "torch")},
+}
+
+
+def register(op: str, name: str, module: str) -> None:
+    """Register backend ``name`` of ``op``, implemented in the importable module ``module``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend name must be one of {BACKENDS}, got {name!r}")
+    _REGISTRY.setdefault(op, {})[name] = _Entry(op, name, module)
+
+
+def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Set the order in which ``backend="auto"`` tries backends of ``op`` on ``device_type``."""
+    for name in order:
+        if name not in BACKENDS:
+            raise ValueError(f"order: unknown backend {name!r}; expected names from {BACKENDS}")
+    _AUTO_ORDER.setdefault(op, {})[device_type] = tuple(order)
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    env = os.environ.get(f"DIFFUSION_FAST_AUTO_{op.upper()}")
+    if env:
+        return tuple(n.strip() for n in env.split(",") if n.strip())
+    return _AUTO_ORDER.get(op, {}).get(device_type, ("torch",))
+
+
+def backends(op: str) -> dict[str, _Entry]:
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def status(op: str) -> dict[str, str | None]:
+    """``{backend: None if usable on this machine else the reason}`` for ``op``."""
+    return {name: entry.available() for name, entry in backends(op).items()}
+
+
+def resolve(op: str, backend: str, device: torch.device, call: dict[str, Any]) -> Callable[..., Any]:
+    """Return the ``forward`` of the backend that serves ``call`` (already input-checked by the op)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    entries = backends(op)
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        entry = entries.get(backend)
+        if entry is None:
+            raise BackendUnavailable(f"{op}: backend {backend!r} is not registered for this op")
+        reason = entry.available()
+        if reason is None:
+            reason = entry.load().supports(**call)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot serve this call: {reason}")
+        return entry.load().forward
+    reasons = []
+    for name in auto_order(op, device.type):
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        reason = entry.available()
+        if reason is None:
+            reason = entry.load().supports(**call)
+        if reason is None:
+            return entry.load().forward
+        reasons.append(f"{name}: {reason}")
+    # The reference serves every valid call on every device.
+    ref = entries["torch"]
+    if ref.load().supports(**call) is None:
+        return ref.load().forward
+    raise BackendUnavailable(f"{op}: no backend can serve this call ({'; '.join(reasons)})")
+
+
+def explain(op: str, device: torch.device, call: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """For diagnostics: ``[(backend, reason or None)]`` for each backend of ``op`` on this call."""
+    out = []
+    for name, entry in backends(op).items():
+        reason = entry.available()
+        if reason is None:
+            reason = entry.load().supports(**call)
+        out.append((name, reason))
+    return out

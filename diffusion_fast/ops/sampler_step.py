@@ -1,0 +1,127 @@
+"""The one fused op behind every sampler: CFG combine, raw-output conversion, update, history write.
+
+Every sampler's update is a linear combination of the current state ``x``, the denoised estimate ``D`` of
+this network evaluation, ``K`` stored history slots and noise ``z``, with coefficients that depend only on
+the schedule (see :mod:`diffusion_fast.samplers`). One row of the sampler's coefficient table drives one
+call. With ``row = coef`` (float32, on the device):
+
+    raw    = model_output                                       # [B, ...], or for a CFG batch [2B, ...]:
+    raw    = u + row[G] * (c - u)   where u, c = model_output[:B], model_output[B:]   (uncond first)
+    D      = row[P] * x + row[Q] * raw                           # epsilon / v / sample / flow -> denoised
+    x_new  = row[AX] * x + row[AD] * D + row[AZ] * z + sum_k row[AH + k] * hist[k]
+    y      = row[BX] * x + row[BD] * D + sum_k row[BH(K) + k] * hist[k]
+    hist[slots[0]] = D      (unless slots[0] < 0)
+    hist[slots[1]] = y      (unless slots[1] < 0; slots[0] != slots[1])
+    out    = x_new
+    net_input[:B] (and net_input[B:2B] for a CFG batch) = (row[CIN] * x_new).to(net_input.dtype)
+
+All reads happen before any write (element by element), so ``out`` may be ``x`` and a slot that is read may
+be overwritten in the same call. Math is float32; ``x``, ``hist`` and ``out`` are float32. Nothing here
+looks at tensor values on the host, so the op never synchronises and a CUDA graph can replay it with a new
+row copied into ``coef``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import registry
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+registry.register("sampler_step", "torch", "diffusion_fast.kernels.torch.sampler_step")
+registry.register("sampler_step", "triton", "diffusion_fast.kernels.triton.sampler_step")
+registry.register("sampler_step", "cuda", "diffusion_fast.kernels.cuda.sampler_step")
+
+# Layout of one coefficient row for K history slots (width 9 + 2K).
+G, P, Q, AX, AD, AZ, BX, BD, CIN = range(9)
+AH = 9
+MAX_HIST = 8
+
+
+def BH(K: int) -> int:  # noqa: N802 - mirrors the constant names
+    return AH + K
+
+
+def coef_width(K: int) -> int:
+    return AH + 2 * K
+
+
+def sampler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coef: torch.Tensor,
+    slots: Optional[torch.Tensor] = None,
+    hist: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+    net_input: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply one coefficient row (see the module docstring for the exact formula).
+
+    Args:
+        x: ``[B, *S]`` float32 sampler state at which the network was evaluated.
+        model_output: ``[B, *S]`` or ``[2B, *S]`` (CFG batch: unconditional half first), any float dtype.
+        coef: ``[9 + 2K]`` float32 coefficient row, on x's device.
+        slots: ``[2]`` int32/int64 ``(slot for D, slot for y)``, -1 for "no write"; required when ``K > 0``.
+        hist: ``[K, B, *S]`` float32 history, ``K <= 8``; updated in place.
+        noise: ``[B, *S]`` standard normal noise (any float dtype) or None (then ``row[AZ]`` is unused).
+        out: ``[B, *S]`` float32 result buffer; may be ``x``. Allocated when None.
+        net_input: ``[B, *S]`` or ``[2B, *S]`` buffer (any float dtype) that receives the next network input
+            ``row[CIN] * x_new`` (duplicated into both halves for a CFG batch); skipped when None.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out`` (``x_new``).
+    """
+    check_tensor("x", x, dtypes=(torch.float32,))
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
+    B, S = x.shape[0], tuple(x.shape[1:])
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES)
+    if tuple(model_output.shape[1:]) != S or model_output.shape[0] not in (B, 2 * B):
+        raise ValueError(
+            f"model_output must have shape [B, ...] or [2B, ...] with B={B} and trailing dims {S} "
+            f"(x's), got {tuple(model_output.shape)}"
+        )
+    K = 0
+    if hist is not None:
+        check_tensor("hist", hist, dtypes=(torch.float32,))
+        if hist.dim() != x.dim() + 1 or tuple(hist.shape[1:]) != tuple(x.shape):
+            raise ValueError(f"hist must have shape [K, *x.shape] = [K, {B}, ...], got {tuple(hist.shape)}")
+        K = hist.shape[0]
+        if not 1 <= K <= MAX_HIST:
+            raise ValueError(f"hist must have 1 to {MAX_HIST} slots, got K={K}")
+    check_tensor("coef", coef, dtypes=(torch.float32,))
+    if coef.dim() != 1 or coef.shape[0] != coef_width(K):
+        raise ValueError(f"coef must be a 1-D row of {coef_width(K)} = 9 + 2K values for K={K} history "
+                         f"slots, got shape {tuple(coef.shape)}")
+    if K > 0 or slots is not None:
+        if slots is None:
+            raise ValueError(f"slots is required when hist has K={K} slots")
+        check_tensor("slots", slots, dtypes=(torch.int32, torch.int64))
+        if tuple(slots.shape) != (2,):
+            raise ValueError(f"slots must have shape [2] (slot for D, slot for y), got {tuple(slots.shape)}")
+    if noise is not None:
+        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, dtypes=(torch.float32,))
+        if out.shape != x.shape:
+            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    if net_input is not None:
+        check_tensor("net_input", net_input, dtypes=FLOAT_DTYPES)
+        if tuple(net_input.shape[1:]) != S or net_input.shape[0] not in (B, 2 * B):
+            raise ValueError(f"net_input must have shape [B, ...] or [2B, ...] with B={B} and trailing dims "
+                             f"{S}, got {tuple(net_input.shape)}")
+    device = check_same_device(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist,
+                               noise=noise, out=out, net_input=net_input)
+    call = dict(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist, noise=noise, out=out,
+                net_input=net_input)
+    return registry.resolve("sampler_step", backend, device, call)(**call)
