@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
+from . import ops, schedules  # noqa: E402
 from .samplers import SAMPLERS, sample  # noqa: E402
 
 
@@ -21,4 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'diffusion_fast' has no attribute {name!r}")
 
 
-__all__ = ["SAMPLERS", "sample", "ops", "Pipeline", "__version__"]
+__all__ = ["SAMPLERS", "sample", "ops", "schedules", "Pipeline", "__version__"]

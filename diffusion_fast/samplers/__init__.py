@@ -1,8 +1,9 @@
-"""Samplers: coefficient tables (tables.py) driven by one shared loop (loop.py)."""
+"""Samplers: coefficient tables (``tables.py``) driven by one shared loop (``loop.py``).
 
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "lms", "ddim", "dpmpp_2m", "dpmpp_2m_sde",
-            "dpmpp_3m_sde", "unipc")
+``SAMPLERS`` lists them by their k-diffusion names; ``DESCRIPTIONS`` gives one line each.
+"""
 
+from .loop import sample
+from .tables import DESCRIPTIONS, OPTIONS, PREDICTIONS, SAMPLERS, Plan, build_plan
 
-def sample(*args, **kwargs):  # replaced by loop.sample
-    raise NotImplementedError
+__all__ = ["SAMPLERS", "DESCRIPTIONS", "OPTIONS", "PREDICTIONS", "Plan", "build_plan", "sample"]
