@@ -1,0 +1,189 @@
+"""The reference ("torch") backends against independent formulations, input checks, and the registry."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_fast import ops
+from diffusion_fast.ops import registry
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rounding_error(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """What storing the exact result in ``dtype`` costs: the floor any ``dtype`` output must live with."""
+    return (ref64.to(dtype).double() - ref64).abs().max().item()
+
+
+def assert_close_to_exact(out: torch.Tensor, ref64: torch.Tensor, what: str):
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    err = (out.double() - ref64).abs().max().item()
+    floor = rounding_error(ref64, out.dtype)
+    # float32 math then one rounding to the storage dtype: at most ~1 ulp beyond the rounding itself.
+    tol = 2 * floor + 1e-5 * ref64.abs().max().item()
+    if err > tol:
+        idx = (out.double() - ref64).abs().flatten().argsort(descending=True)[:5]
+        raise AssertionError(f"{what}: max error {err:.3g} > {tol:.3g}; worst: "
+                             f"{[(out.flatten()[i].item(), ref64.flatten()[i].item()) for i in idx]}")
+
+
+# ------------------------------------------------------------------------------------------ group_norm
+
+GN_SHAPES = [(1, 320, 7, 9, 32), (2, 6, 5, 3, 3), (3, 64, 1, 1, 8), (1, 12, 11, 13, 12)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_group_norm_reference(dtype, shape, channels_last, activation, with_add):
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    x = (torch.randn(N, C, H, W, generator=g) * 3 + 1.5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, generator=g).to(dtype)
+    b = torch.randn(C, generator=g).to(dtype)
+    add = torch.randn(N, C, generator=g).to(dtype) if with_add else None
+    out = ops.group_norm(x, G, w, b, 1e-5, activation, add=add, backend="torch")
+    # Independent formulation: torch's own group_norm in float64.
+    h = x.double() + (add.double()[:, :, None, None] if with_add else 0)
+    ref = F.group_norm(h, G, w.double(), b.double(), 1e-5)
+    if activation == "silu":
+        ref = F.silu(ref)
+    assert out.dtype == dtype and out.shape == x.shape
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+    assert_close_to_exact(out, ref, f"group_norm {shape} {dtype}")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 17), (1, 16, 3, 4, 5)])
+def test_group_norm_reference_rank_3_and_5(shape):
+    x = torch.randn(*shape, dtype=torch.float64).float()
+    out = ops.group_norm(x, 4, activation="silu", backend="torch")
+    ref = F.silu(F.group_norm(x.double(), 4, eps=1e-5))
+    assert_close_to_exact(out, ref, "rank")
+
+
+def test_group_norm_statistics_are_stable_for_large_offsets():
+    """E[x^2] - E[x]^2 in low precision would lose everything here; two-pass float32 does not."""
+    x = (torch.randn(1, 4, 32, 32) * 0.01 + 1000.0).to(torch.bfloat16)
+    out = ops.group_norm(x, 2, backend="torch")
+    ref = F.group_norm(x.double(), 2, eps=1e-5)
+    assert_close_to_exact(out, ref, "offset")
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(x=torch.randn(2, 6, 4, 4), num_groups=4), ValueError, ["num_groups=4", "C=6"]),
+        (dict(x=torch.randn(2, 6), num_groups=2), ValueError, ["x", "rank"]),
+        (dict(x=torch.randn(2, 6, 4).to(torch.int32), num_groups=2), TypeError, ["x", "int32"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, weight=torch.randn(5), bias=torch.randn(5)), ValueError,
+         ["weight", "(6,)"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, weight=torch.randn(6)), ValueError, ["weight and bias"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, eps=-1.0), ValueError, ["eps", "-1.0"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, activation="gelu"), ValueError, ["activation", "gelu"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, add=torch.randn(2, 5)), ValueError, ["add", "[N, C]"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2.0), TypeError, ["num_groups"]),
+        (dict(x=torch.randn(2, 6, 4), num_groups=2, backend="numpy"), ValueError, ["backend", "numpy"]),
+    ],
+)
+def test_group_norm_bad_input_names_the_argument(kwargs, exc, words):
+    with pytest.raises(exc) as ei:
+        ops.group_norm(**kwargs)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+def attention64(q, k, v, scale):
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Sq,Sk,H,D", [(1, 77, 1000, 2, 40), (2, 33, 77, 3, 80), (1, 5, 1, 1, 8),
+                                         (1, 64, 64, 1, 256), (2, 9, 17, 2, 72)])
+def test_attention_reference(dtype, B, Sq, Sk, H, D):
+    g = torch.Generator().manual_seed(Sq * 1000 + Sk)
+    q = torch.randn(B, Sq, H, D, generator=g).to(dtype)
+    k = torch.randn(B, Sk, H, D, generator=g).to(dtype)
+    v = torch.randn(B, Sk, H, D, generator=g).to(dtype)
+    out = ops.attention(q, k, v, backend="torch")
+    assert out.shape == (B, Sq, H, D) and out.dtype == dtype and out.is_contiguous()
+    assert_close_to_exact(out, attention64(q, k, v, 1 / math.sqrt(D)), f"attention {dtype}")
+
+
+def test_attention_reference_strided_views_of_fused_qkv():
+    qkv = torch.randn(2, 19, 3, 4, 40)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    out = ops.attention(q, k, v, scale=0.3, backend="torch")
+    assert_close_to_exact(out, attention64(q, k, v, 0.3), "strided")
+
+
+def test_attention_reference_chunking_matches_unchunked(monkeypatch):
+    from diffusion_fast.kernels.torch import attention as ref_mod
+
+    q, k, v = torch.randn(1, 50, 2, 16), torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
+    whole = ops.attention(q, k, v, backend="torch")
+    monkeypatch.setattr(ref_mod, "_MAX_SCORE_ELEMENTS", 2 * 30 * 7)  # 7 queries per chunk
+    torch.testing.assert_close(ops.attention(q, k, v, backend="torch"), whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "q,k,v,exc,words",
+    [
+        (torch.randn(1, 4, 2, 36), torch.randn(1, 4, 2, 36), torch.randn(1, 4, 2, 36), ValueError, ["D=36", "8"]),
+        (torch.randn(1, 4, 2, 264), torch.randn(1, 4, 2, 264), torch.randn(1, 4, 2, 264), ValueError, ["256"]),
+        (torch.randn(1, 4, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 6, 2, 8), ValueError, ["k and v"]),
+        (torch.randn(1, 4, 2, 8), torch.randn(1, 5, 3, 8), torch.randn(1, 5, 3, 8), ValueError, ["heads"]),
+        (torch.randn(4, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8), ValueError, ["q", "rank 4"]),
+        (torch.randn(1, 4, 2, 8), torch.randn(1, 5, 2, 8).half(), torch.randn(1, 5, 2, 8).half(), TypeError,
+         ["k", "q", "dtype"]),
+        (torch.randn(1, 4, 2, 8).double(), torch.randn(1, 5, 2, 8).double(), torch.randn(1, 5, 2, 8).double(),
+         TypeError, ["q", "float64"]),
+    ],
+)
+def test_attention_bad_input_names_the_argument(q, k, v, exc, words):
+    with pytest.raises(exc) as ei:
+        ops.attention(q, k, v)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_attention_mixed_devices_rejected():
+    meta = torch.empty(1, 5, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        ops.attention(torch.randn(1, 4, 2, 8), meta, meta)
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+def test_auto_on_cpu_uses_reference_and_explicit_unavailable_backend_raises_with_reason():
+    x = torch.randn(1, 4, 3, 3)
+    assert torch.equal(ops.group_norm(x, 2), ops.group_norm(x, 2, backend="torch"))
+    reasons = dict(registry.explain("group_norm", x.device, dict(x=x, num_groups=2, weight=None, bias=None,
+                                                                  eps=1e-5, activation=None, add=None)))
+    assert reasons["torch"] is None
+    if reasons["cuda"] is not None:
+        with pytest.raises(registry.BackendUnavailable, match="cuda"):
+            ops.group_norm(x, 2, backend="cuda")
+
+
+def test_registry_env_override_and_unknown_op(monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FAST_AUTO_GROUP_NORM", "torch")
+    assert registry.auto_order("group_norm", "cuda") == ("torch",)
+    with pytest.raises(KeyError, match="unknown op"):
+        registry.status("conv")
+    with pytest.raises(ValueError, match="order"):
+        registry.set_auto_order("group_norm", "cuda", ("fast",))
