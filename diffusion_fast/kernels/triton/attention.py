@@ -1,0 +1,277 @@
+"""Flash attention forward in Triton: online softmax in fp32, any D multiple of 8 up to 256, strided q/k/v.
+
+``_attention_fwd_kernel`` — grid ``(cdiv(Sq, BLOCK_M), B * H)``; the query blocks of one head are
+neighbouring programs, so they share that head's K/V in L2. One program holds a ``[BLOCK_M, D]`` query tile
+and its fp32 accumulator in registers and streams K/V in ``[BLOCK_N, D]`` tiles:
+``s = q k^T * scale * log2(e)`` (tensor cores, fp32 accumulate), running max and sum in fp32 with ``exp2``,
+``acc = acc * alpha + p v`` with ``p`` cast to the input dtype (as flash attention does).
+
+Head dims that are not powers of two are split instead of padded: ``D = D_A + D_B`` with two power-of-two
+parts (40 = 32 + 8→16, 80 = 64 + 16, 160 = 128 + 32), each its own pair of dots; only the lanes of the last
+part beyond ``D`` are masked. Useful MMA work: 83% at D=40, 100% at D=80 and D=160, where padding to the
+next power of two would give 62.5%.
+
+Keys: full ``BLOCK_N`` tiles without masks, then one masked tail tile of ``next_pow2(Sk % BLOCK_N)`` (at least
+16) columns. Short Sk (<= 128, text tokens): no loop at all — one unmasked tile of ``prev_pow2(Sk)`` and a
+tail (77 = 64 + 16: 80 key columns computed instead of 128).
+
+FLOPs: ``4 * B * H * Sq * Sk * D`` (two matmuls); bytes at least ``(2 * B * Sq + 2 * B * Sk) * H * D * itemsize``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _autotune
+from ._common import INTERPRET, device_reason, next_pow2, numel_reason, prev_pow2
+
+LOG2E = 1.4426950408889634
+SHORT_SK = 128  # at most this many keys: the loop-free path
+
+
+@triton.jit
+def _attention_tile(
+    acc_a, acc_b, l_i, m_i, q_a, q_b,
+    k_base,  # [Sk, D] keys of this (batch, head), row stride sks, last dim contiguous
+    v_base,  # [Sk, D] values of this (batch, head), row stride svs
+    sks, svs, start_n, Sk, qk_scale, offs_da, offs_db,
+    HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, BLOCK: tl.constexpr,
+    MASK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One key tile [start_n, start_n + BLOCK) of the online softmax; returns the updated state."""
+    offs_n = start_n + tl.arange(0, BLOCK)
+    mask_a = (offs_da < HEAD_DIM)[None, :]
+    if MASK_N:
+        mask_a = mask_a & (offs_n < Sk)[:, None]
+    k_a = tl.load(k_base + offs_n[:, None] * sks + offs_da[None, :], mask=mask_a, other=0.0)
+    if IEEE:
+        s = tl.dot(q_a, tl.trans(k_a), input_precision="ieee")
+    else:
+        s = tl.dot(q_a, tl.trans(k_a))
+    if D_B > 0:
+        mask_b = (offs_db < HEAD_DIM)[None, :]
+        if MASK_N:
+            mask_b = mask_b & (offs_n < Sk)[:, None]
+        k_b = tl.load(k_base + offs_n[:, None] * sks + offs_db[None, :], mask=mask_b, other=0.0)
+        if IEEE:
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision="ieee")
+        else:
+            s = tl.dot(q_b, tl.trans(k_b), s)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where((offs_n < Sk)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_a = tl.load(v_base + offs_n[:, None] * svs + offs_da[None, :], mask=mask_a, other=0.0)
+    acc_a = acc_a * alpha[:, None]
+    if IEEE:
+        acc_a = tl.dot(p, v_a, acc_a, input_precision="ieee")
+    else:
+        acc_a = tl.dot(p.to(v_a.dtype), v_a, acc_a)
+    if D_B > 0:
+        v_b = tl.load(v_base + offs_n[:, None] * svs + offs_db[None, :], mask=mask_b, other=0.0)
+        acc_b = acc_b * alpha[:, None]
+        if IEEE:
+            acc_b = tl.dot(p, v_b, acc_b, input_precision="ieee")
+        else:
+            acc_b = tl.dot(p.to(v_b.dtype), v_b, acc_b)
+    return acc_a, acc_b, l_i, m_new
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr,  # [B, Sq, H, D] strides (sqb, sqs, sqh, 1)
+    k_ptr,  # [B, Sk, H, D] strides (skb, sks, skh, 1)
+    v_ptr,  # [B, Sk, H, D] strides (svb, svs, svh, 1)
+    o_ptr,  # [B, Sq, H, D] strides (sob, sos, soh, 1), q.dtype
+    qk_scale,  # scale * log2(e)
+    Sq, Sk, H,
+    n_full,  # keys covered by unmasked BLOCK_N tiles; the tail tile starts here
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+    HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    SHORT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    o_base = o_ptr + b * sob + h * soh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = (offs_m < Sq)[:, None]
+    offs_da = tl.arange(0, D_A)
+    q_a = tl.load(q_base + offs_m[:, None] * sqs + offs_da[None, :],
+                  mask=mask_m & (offs_da < HEAD_DIM)[None, :], other=0.0)
+    acc_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
+    if D_B > 0:
+        offs_db = D_A + tl.arange(0, D_B)
+        q_b = tl.load(q_base + offs_m[:, None] * sqs + offs_db[None, :],
+                      mask=mask_m & (offs_db < HEAD_DIM)[None, :], other=0.0)
+        acc_b = tl.zeros([BLOCK_M, D_B], dtype=tl.float32)
+    else:  # placeholders, never read
+        offs_db = offs_da
+        q_b = q_a
+        acc_b = acc_a
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    if SHORT:
+        if BLOCK_N > 0:
+            acc_a, acc_b, l_i, m_i = _attention_tile(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, sks, svs, 0, Sk, qk_scale, offs_da, offs_db,
+                HEAD_DIM, D_A, D_B, BLOCK_N, False, IEEE)
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            acc_a, acc_b, l_i, m_i = _attention_tile(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, sks, svs, start_n, Sk, qk_scale, offs_da,
+                offs_db, HEAD_DIM, D_A, D_B, BLOCK_N, False, IEEE)
+    if BLOCK_TAIL > 0:
+        acc_a, acc_b, l_i, m_i = _attention_tile(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, sks, svs, n_full, Sk, qk_scale, offs_da, offs_db,
+            HEAD_DIM, D_A, D_B, BLOCK_TAIL, True, IEEE)
+
+    inv_l = 1.0 / l_i
+    o_ty = o_ptr.dtype.element_ty
+    tl.store(o_base + offs_m[:, None] * sos + offs_da[None, :], (acc_a * inv_l[:, None]).to(o_ty),
+             mask=mask_m & (offs_da < HEAD_DIM)[None, :])
+    if D_B > 0:
+        tl.store(o_base + offs_m[:, None] * sos + offs_db[None, :], (acc_b * inv_l[:, None]).to(o_ty),
+                 mask=mask_m & (offs_db < HEAD_DIM)[None, :])
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration of the attention kernel (what the autotuner chooses between)."""
+
+    block_m: int
+    block_n: int  # key tile of the main loop; for the short path, derived from Sk (see key_tiles)
+    num_warps: int
+    num_stages: int
+
+
+def split_head_dim(D: int) -> tuple[int, int]:
+    """``(D_A, D_B)``: two power-of-two parts (each >= 16, D_B may be 0) covering D with the least padding."""
+    full = max(16, next_pow2(D))
+    da = max(16, prev_pow2(D))
+    rem = D - da
+    if rem <= 0:
+        return full, 0
+    db = max(16, next_pow2(rem))
+    if da + db >= full:
+        return full, 0
+    return da, db
+
+
+def key_tiles(Sk: int, block_n: int) -> tuple[int, int, int, bool]:
+    """``(BLOCK_N, BLOCK_TAIL, n_full, SHORT)`` for Sk keys: unmasked tiles up to n_full, then a masked tail."""
+    if Sk <= SHORT_SK:
+        main = prev_pow2(Sk)
+        if main < 16:
+            return 0, 16, 0, True
+        rem = Sk - main
+        tail = max(16, next_pow2(rem)) if rem else 0
+        if tail and main + tail >= next_pow2(Sk):  # one padded tile is no worse than two
+            return 0, next_pow2(Sk), 0, True
+        return main, tail, main, True
+    rem = Sk % block_n
+    n_full = Sk - rem
+    tail = max(16, next_pow2(rem)) if rem else 0
+    return block_n, tail, n_full, False
+
+
+# Candidates per (dtype class, effective head dim, path); the first is the default when nothing is timed.
+# Registers bound them: the fp32 accumulator of BLOCK_M x D_eff is spread over 32 * num_warps threads.
+_LOWP_LONG = {
+    64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3)],
+    128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
+    256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3), Config(128, 32, 8, 2)],
+}
+_LOWP_SHORT = [Config(128, 0, 8, 1), Config(64, 0, 4, 1), Config(128, 0, 4, 1)]
+_F32_LONG = {
+    64: [Config(64, 64, 4, 2), Config(64, 32, 4, 2)],
+    128: [Config(64, 32, 4, 2), Config(32, 64, 4, 2)],
+    256: [Config(32, 32, 4, 2), Config(64, 32, 8, 2)],
+}
+_F32_SHORT = [Config(64, 0, 4, 1), Config(32, 0, 4, 1)]
+# The interpreter runs one fixed, smallish configuration (speed there is meaningless).
+_INTERPRET_CONFIG = Config(64, 64, 4, 1)
+
+
+def _d_class(D: int) -> int:
+    da, db = split_head_dim(D)
+    d_eff = da + db
+    return 64 if d_eff <= 64 else 128 if d_eff <= 128 else 256
+
+
+def candidate_configs(D: int, dtype: torch.dtype, Sk: int) -> list[Config]:
+    """Every configuration the autotuner may pick for this head dim, dtype and key count."""
+    short = Sk <= SHORT_SK
+    if dtype == torch.float32:
+        return list(_F32_SHORT if short else _F32_LONG[_d_class(D)])
+    return list(_LOWP_SHORT if short else _LOWP_LONG[_d_class(D)])
+
+
+_TUNER: _autotune.Autotuner[Config] = _autotune.Autotuner("attention")
+
+
+def _bucket(n: int) -> int:
+    return min(next_pow2(n), 1 << 14)
+
+
+def available() -> str | None:
+    from ._common import available as _available
+
+    return _available()
+
+
+def supports(q, k, v, scale) -> str | None:
+    reason = device_reason(q, k, v) or numel_reason(q=q, k=k, v=v)
+    if reason:
+        return reason
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            return (f"{name} has stride {t.stride(-1)} in its last (head) dim; the Triton attention reads "
+                    "views whose last dim is contiguous (stride 1)")
+    if INTERPRET and q.dtype == torch.bfloat16:
+        return "bfloat16 tl.dot is not computed correctly by the Triton interpreter; run bf16 on a GPU"
+    return None
+
+
+def launch(q, k, v, scale: float, out: torch.Tensor, cfg: Config) -> None:
+    """Run the kernel with configuration ``cfg`` into ``out`` ([B, Sq, H, D], any strides, last dim 1)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    da, db = split_head_dim(D)
+    block_n, tail, n_full, short = key_tiles(Sk, cfg.block_n)
+    grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, float(scale) * LOG2E, Sq, Sk, H, n_full,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, D_A=da, D_B=db, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_TAIL=tail, SHORT=short,
+        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def forward(q, k, v, scale):
+    """q: [B, Sq, H, D], k/v: [B, Sk, H, D] (last dim contiguous) -> [B, Sq, H, D] contiguous, q.dtype."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    if INTERPRET:
+        cfg = _INTERPRET_CONFIG
+    else:
+        key = (q.device.index, _bucket(Sq), Sk if Sk <= SHORT_SK else _bucket(Sk), D, q.dtype)
+        cfg = _TUNER.choose(key, candidate_configs(D, q.dtype, Sk), lambda c: launch(q, k, v, scale, out, c))
+    launch(q, k, v, scale, out, cfg)
+    return out
