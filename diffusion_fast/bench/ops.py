@@ -113,8 +113,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _gen_randn(shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
-    # Draw in float32 on the generator's device, then move: the same values whatever the bench device.
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    # Drawn where the generator lives (the bench device: large inputs would take seconds on the host).
+    return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(device=device,
+                                                                                       dtype=dtype)
 
 
 def group_norm_shapes(set_name: str, dtype: torch.dtype) -> list[Shape]:
@@ -291,7 +292,7 @@ class _CompileBudget:
         if self.seconds <= 0:
             return "torch.compile baseline disabled (--compile-budget 0)"
         if self.spent >= self.seconds:
-            return f"torch.compile budget of {self.seconds:.0f} s spent"
+            return f"this op's share of the torch.compile budget ({self.seconds:.0f} s) is spent"
         return None
 
 
@@ -443,8 +444,9 @@ def run_ops(
     else:
         rotate_limit = 256 << 20
         math_limit = 256 << 20
-    compile_budget = _CompileBudget(compile_budget_s)
-    gen = torch.Generator().manual_seed(seed)
+    # Each op gets an equal share of the compile budget, so the first op's shapes cannot use it all.
+    compile_budgets = {op: _CompileBudget(compile_budget_s / len(ops)) for op in ops}
+    gen = torch.Generator(device=device).manual_seed(seed)
     cases: list[dict] = []
     skipped: list[dict] = []
 
@@ -463,7 +465,12 @@ def run_ops(
     for op, set_name, shape in plan:
         n_sets = rotation_count(shape.footprint, cache_bytes, max_sets=16 if cuda else 4,
                                 max_total_bytes=rotate_limit)
-        inputs = [shape.make(device, dtype, gen) for _ in range(n_sets)]
+        try:
+            inputs = [shape.make(device, dtype, gen) for _ in range(n_sets)]
+        except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on a smaller card
+            skipped.append({"key": f"{op}/{set_name}/{shape.name}/{dtype_name(dtype)}/*",
+                            "reason": "inputs could not be created: " + _first_line(exc)})
+            continue
         # Timed calls update sampler_step's history in place: checks start from an untouched copy.
         pristine = _clone_inputs(inputs[0])
         ref_out = None
@@ -476,9 +483,13 @@ def run_ops(
                 continue
             if progress is not None:
                 progress.step(key)
-            if im.compiled and compile_budget.reason() is not None:
-                skipped.append({"key": key, "reason": compile_budget.reason()})
-                continue
+            if im.compiled:
+                if compile_budgets[op].reason() is not None:
+                    skipped.append({"key": key, "reason": compile_budgets[op].reason()})
+                    continue
+                # A fresh compilation per case: dynamo's per-function recompile limit would otherwise
+                # silently fall back to eager after a few shapes.
+                torch._dynamo.reset()
             why = im.limit(inputs[0]) if im.limit is not None else None
             if why is not None:
                 skipped.append({"key": key, "reason": why})
@@ -502,11 +513,15 @@ def run_ops(
                     continue
             first_s = time.perf_counter() - t0
             if im.compiled:
-                compile_budget.spent += first_s
+                compile_budgets[op].spent += first_s
             err = _max_err(_outputs(res, probe), ref_out)
             del probe, res
             fns = [im.bind(t) for t in inputs]
-            timing = measure(fns, device, budget_ms=budget_ms)
+            try:
+                timing = measure(fns, device, budget_ms=budget_ms)
+            except Exception as exc:  # one failing case must not end the run
+                skipped.append({"key": key, "reason": "failed while timing: " + _first_line(exc)})
+                continue
             case = {
                 "key": key, "suite": "ops", "op": op, "set": set_name, "impl": im.name, "kind": im.kind,
                 "dtype": dtype_name(dtype), "params": dict(shape.params), **timing.as_dict(),
