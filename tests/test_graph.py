@@ -265,3 +265,18 @@ def test_graph_key_sees_modules_behind_a_closure_or_bound_method():
         assert graph.graph_key("k", model, [x], 0, None) != before
         toy.norm.backend = "auto"
         assert graph.graph_key("k", model, [x], 0, None) == before
+
+
+@pytest.mark.gpu
+def test_cuda_graph_captured_under_inference_mode_replays_outside_it():
+    graph.clear_cache()
+    model = Toy().cuda()
+    x, cond, uncond = _inputs("cuda", torch.float32)
+    with torch.inference_mode():
+        first, _ = _sample(model, x, cond, uncond, "euler_ancestral", 4, 5, True, dtype=torch.float32)
+    with torch.no_grad():
+        again, _ = _sample(model, x, cond, uncond, "euler_ancestral", 4, 5, True, dtype=torch.float32)
+    eager, _ = _sample(model, x, cond, uncond, "euler_ancestral", 4, 5, False, dtype=torch.float32)
+    assert len(graph.cache()) == 1
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+    graph.clear_cache()

@@ -252,12 +252,15 @@ def graphed_call(
 
 
 def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup) -> _Graph:
-    with torch.no_grad(), torch.cuda.device(device):
+    # Static buffers are ordinary tensors even when the capture happens under inference_mode, so a later
+    # call outside inference_mode may still copy into them.
+    with torch.inference_mode(False), torch.no_grad():
         static = tuple(t.detach().clone() for t in inputs)
         noise = None
         if n_noise:
             # Warm-up and capture read the buffer's address, not its values; the real draws come per replay.
             noise = torch.zeros((n_noise, *noise_shape), dtype=torch.float32, device=device)
+    with torch.no_grad(), torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
