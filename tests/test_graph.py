@@ -53,8 +53,8 @@ def _inputs(device, dtype, seed=0, shape=(1, 4, 8, 8)):
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2m"])
 def test_predrawn_noise_reproduces_the_eager_loop_bit_for_bit(sampler):
-    # What the captured graph relies on: draws made up front with draw_noise, handed to the loop's
-    # torch.randn calls in order, give the eager loop's result and leave the generator in the same state.
+    # What the captured graph relies on: draws made up front with draw_noise and handed to the loop give
+    # the eager loop's result and leave the generator in the same state.
     torch.manual_seed(0)
     model = Toy()
     tables = _tables(sampler, 5, "cpu")
@@ -65,32 +65,18 @@ def test_predrawn_noise_reproduces_the_eager_loop_bit_for_bit(sampler):
     assert (n > 0) == (sampler != "dpmpp_2m")
     g2 = torch.Generator().manual_seed(123)
     noise = torch.stack([graph.draw_noise(x.shape, g2, x.device) for _ in range(n)]) if n else None
-    with graph._NoiseFromBuffer(noise, g2) as mode:
-        got = run(tables, model, x, generator=g2, guidance_scale=3.0, cond=cond, uncond=uncond)
-    assert mode.count == n
+    got = run(tables, model, x, generator=None, guidance_scale=3.0, cond=cond, uncond=uncond, noise=noise)
     assert torch.equal(got, eager)
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
-def test_noise_buffer_too_short_is_an_error():
+def test_noise_buffer_of_the_wrong_length_is_an_error():
     tables = _tables("euler_ancestral", 4, "cpu")
     x, cond, uncond = _inputs("cpu", torch.float32)
-    g = torch.Generator().manual_seed(0)
     n = int(tables.plan.noise.sum())
     noise = torch.zeros((n - 1, *x.shape))
-    with pytest.raises(RuntimeError, match=rf"draw {n}\b.*provides {n - 1} draws"):
-        with graph._NoiseFromBuffer(noise, g):
-            run(tables, Toy(), x, generator=g, guidance_scale=3.0, cond=cond, uncond=uncond)
-
-
-def test_other_random_draws_pass_through_the_noise_hand_over():
-    g = torch.Generator().manual_seed(0)
-    with graph._NoiseFromBuffer(torch.zeros(1, 3), g) as mode:
-        a = torch.randn(3)  # no generator argument: not the loop's draw
-        b = torch.randn(3, generator=torch.Generator().manual_seed(1))  # another generator
-        c = torch.randn((3,), generator=g)
-    assert mode.count == 1 and torch.equal(c, torch.zeros(3))
-    assert a.abs().sum() > 0 and b.abs().sum() > 0
+    with pytest.raises(ValueError, match=rf"holds {n - 1} draws; the plan makes {n}"):
+        run(tables, Toy(), x, guidance_scale=3.0, cond=cond, uncond=uncond, noise=noise)
 
 
 def test_run_graphed_refuses_cpu_tensors():

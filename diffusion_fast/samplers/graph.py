@@ -13,8 +13,8 @@ Noise: the eager loop draws each noise tensor with ``torch.randn(state.shape, ge
 device=..., dtype=torch.float32)`` at the evaluations the plan marks. A graph must not draw from a user's
 generator while capturing, and replaying captured draws would not advance it, so the draws are made before
 each replay, eagerly, with exactly those calls in that order (:func:`draw_noise`), into a static
-``[n_noise, *x.shape]`` buffer; while the loop body is warmed up and captured, its ``torch.randn`` calls are
-answered with the rows of that buffer. The replayed result therefore equals the uncaptured run bit for bit on
+``[n_noise, *x.shape]`` buffer, which the loop body reads instead of drawing
+(``loop.run(..., noise=...)``). The replayed result therefore equals the uncaptured run bit for bit on
 the same device, and the generator ends in the same state.
 
 Graphs are cached (LRU, :data:`MAX_CACHED_GRAPHS`) under a key made of the plan's tables (by value), the
@@ -38,13 +38,7 @@ import torch
 MAX_CACHED_GRAPHS = 4
 
 
-def draw_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal on ``device``.
-
-    The eager loop and the graphed loop both draw through this function, one call per draw, so the two see
-    the same numbers in the same order from the same generator.
-    """
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+from .loop import draw_noise  # noqa: E402 - the one way noise is drawn, shared with the eager loop
 
 
 @dataclass
@@ -276,30 +270,6 @@ def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup) ->
     return _Graph(g, static, noise, out, _model_ref(model), trajectory)
 
 
-class _NoiseFromBuffer(torch.overrides.TorchFunctionMode):
-    """Answers the loop's noise draws (``torch.randn(shape, generator=g, ...)``) with rows of a buffer."""
-
-    def __init__(self, noise: torch.Tensor | None, generator: torch.Generator | None):
-        super().__init__()
-        self.noise = noise
-        self.generator = generator
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.randn and "generator" in kwargs and kwargs["generator"] is self.generator:
-            shape = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else tuple(args)
-            n = 0 if self.noise is None else self.noise.shape[0]
-            if self.count >= n or shape != tuple(self.noise.shape[1:]):
-                raise RuntimeError(f"the sampling loop drew noise of shape {shape} (draw {self.count + 1}); "
-                                   f"the plan provides {n} draws of shape "
-                                   f"{None if self.noise is None else tuple(self.noise.shape[1:])}")
-            out = self.noise[self.count]
-            self.count += 1
-            return out
-        return func(*args, **kwargs)
-
-
 def _plan_key(tables) -> tuple:
     p = tables.plan
     return (p.sampler, p.K, p.coef.tobytes(), p.slots.tobytes(), p.sigma_eval.tobytes(), p.noise.tobytes(),
@@ -348,12 +318,8 @@ def run_graphed(
 
     def trajectory(static: tuple[torch.Tensor, ...], noise: torch.Tensor | None) -> torch.Tensor:
         t = dict(zip(names, static))
-        with _NoiseFromBuffer(noise, generator) as mode:
-            out = run(tables, model, t["x"], generator=generator, guidance_scale=guidance_scale,
-                      cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend)
-        if mode.count != n_noise:
-            raise RuntimeError(f"the sampling loop drew {mode.count} noise tensors; the plan marks {n_noise}")
-        return out
+        return run(tables, model, t["x"], generator=generator, guidance_scale=guidance_scale,
+                   cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend, noise=noise)
 
     # ``tables`` travels inside ``trajectory`` (kept by the cache entry): the graph reads its coefficient
     # tensors by address, so they must outlive the graph even if the plan cache drops them.

@@ -187,9 +187,18 @@ def sample(
                backend=backend)
 
 
+def draw_noise(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal from ``generator``."""
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
 def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progress=False, guidance_scale=None,
-        cond=None, uncond=None, net_dtype=torch.float32, backend="auto") -> torch.Tensor:
-    """The loop itself (arguments already checked). No host-device synchronisation happens in here."""
+        cond=None, uncond=None, net_dtype=torch.float32, backend="auto", noise=None) -> torch.Tensor:
+    """The loop itself (arguments already checked). No host-device synchronisation happens in here.
+
+    ``noise``, when given, is ``[n_noise, *x.shape]`` holding the draws the loop would make from
+    ``generator`` (in order, one per noisy row); the CUDA-graph path pre-draws them outside the graph.
+    """
     plan = tables.plan
     B = x.shape[0]
     cfg = guidance_scale is not None
@@ -207,14 +216,21 @@ def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progre
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, total=plan.evaluations, desc=plan.sampler, leave=False)
+    drawn = 0
+    if noise is not None and noise.shape[0] != int(plan.noise.sum()):
+        raise ValueError(f"noise holds {noise.shape[0]} draws; the plan makes {int(plan.noise.sum())}")
     for e in rows:
         sigma = tables.sigma[e].expand(nb)
         net_in = bufs[e % 2]
         out = model(net_in, sigma) if ctx is None else model(net_in, sigma, ctx)
-        noise = None
+        z = None
         if plan.noise[e]:
-            noise = torch.randn(state.shape, generator=generator, device=state.device, dtype=torch.float32)
-        sampler_step(state, out, tables.coef[e], tables.slots[e] if plan.K else None, hist, noise, out=state,
+            if noise is None:
+                z = draw_noise(state.shape, generator, state.device)
+            else:
+                z = noise[drawn]
+            drawn += 1
+        sampler_step(state, out, tables.coef[e], tables.slots[e] if plan.K else None, hist, z, out=state,
                      net_input=bufs[(e + 1) % 2], backend=backend)
         if callback is not None and plan.ends_step[e]:
             i = int(plan.step[e])
