@@ -1,0 +1,740 @@
+"""Noise schedules: the sigmas a sampler walks down, and the timesteps a discrete-time network expects.
+
+Every schedule here is a float64 CPU tensor of ``n + 1`` sigmas, decreasing to a final 0, in the
+k-diffusion convention: for the discrete DDPM family ``x = x0 + sigma * noise`` with
+``sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod)`` (parametrization ``"ve"``); for rectified-flow models
+``x = (1 - sigma) * x0 + sigma * noise`` with sigma in [0, 1] (parametrization ``"flow"``).
+
+* :func:`karras`, :func:`exponential`, :func:`polyexponential` — k-diffusion's ``get_sigmas_*`` formulas.
+* :func:`flow_matching` — the shifted linspace of diffusers' ``FlowMatchEulerDiscreteScheduler``.
+* :func:`from_diffusers_config` — a :class:`Schedule` (sigmas, timesteps, prediction type, the training
+  ``alphas_cumprod`` and a device-side ``sigma_to_timestep``) equal to what diffusers' scheduler computes for
+  the same ``scheduler_config.json`` and step count.
+* :func:`get` — name lookup for the CLI (names in :data:`SCHEDULES`).
+
+The diffusers-compatible path reproduces diffusers' arithmetic where it decides values: the training tables
+(betas, ``alphas_cumprod``, the sigma table and its log) are built in float32 exactly as diffusers builds
+them, since those float32 numbers are what the network was trained against; everything after that (sigma
+interpolation, Karras / exponential spacing, sigma -> timestep) runs in float64, so ``Schedule.sigmas``
+equals diffusers' float32 sigmas to float32 rounding and ``Schedule.timesteps`` equals diffusers' timesteps
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+SCHEDULES = ("karras", "exponential", "polyexponential", "flow")
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+# --------------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_n(n: object, name: str = "n") -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return int(n)
+
+
+def _check_float(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()  # host-side construction only
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return v
+
+
+def _check_range(sigma_min: object, sigma_max: object) -> tuple[float, float]:
+    lo = _check_float("sigma_min", sigma_min, positive=True)
+    hi = _check_float("sigma_max", sigma_max, positive=True)
+    if not lo < hi:
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return lo, hi
+
+
+def _append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Closed-form schedules (k-diffusion's formulas, float64)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) noise levels, k-diffusion's ``get_sigmas_karras``.
+
+    ``sigma_i = (max^(1/rho) + i / (n - 1) * (min^(1/rho) - max^(1/rho)))^rho`` for i = 0 .. n-1.
+
+    Args:
+        n: number of sampling steps (>= 1).
+        sigma_min, sigma_max: the range, ``0 < sigma_min < sigma_max``.
+        rho: the spacing exponent (> 0); 7 is the paper's choice.
+
+    Returns:
+        ``[n + 1]`` float64 CPU tensor from ``sigma_max`` down to ``sigma_min``, then 0.
+    """
+    n = _check_n(n)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    rho = _check_float("rho", rho, positive=True)
+    return _append_zero(_karras(n, lo, hi, rho))
+
+
+def exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Noise levels evenly spaced in log sigma (k-diffusion's ``get_sigmas_exponential``).
+
+    Returns:
+        ``[n + 1]`` float64 CPU tensor from ``sigma_max`` down to ``sigma_min``, then 0.
+    """
+    n = _check_n(n)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    return _append_zero(_exponential(n, lo, hi))
+
+
+def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """Log sigma on a polynomial ramp (k-diffusion's ``get_sigmas_polyexponential``; rho=1 is exponential).
+
+    Returns:
+        ``[n + 1]`` float64 CPU tensor from ``sigma_max`` down to ``sigma_min``, then 0.
+    """
+    n = _check_n(n)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    rho = _check_float("rho", rho, positive=True)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return _append_zero(torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)))
+
+
+def _flow_train_range(shift: float | None, num_train_timesteps: int) -> tuple[float, float]:
+    # FlowMatchEulerDiscreteScheduler.__init__ builds its float32 training grid t/T, shifts it once (unless
+    # the shift is dynamic, shift=None here) and keeps the ends as sigma_min / sigma_max; set_timesteps then
+    # spans [sigma_max, sigma_min] and shifts again. Same float32 arithmetic here, so the ends are equal.
+    s = torch.tensor([float(num_train_timesteps), 1.0], dtype=torch.float32) / num_train_timesteps
+    if shift is not None:
+        s = shift * s / (1 + (shift - 1) * s)
+    return float(s[1]), float(s[0])
+
+
+def _shift(s: np.ndarray, shift: float) -> np.ndarray:
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def _flow_linspace(n: int, sigma_min: float, sigma_max: float, t_train: int) -> np.ndarray:
+    # diffusers spaces in timestep units (sigma * T) and divides back; same float64 numbers here.
+    return np.linspace(sigma_max * t_train, sigma_min * t_train, n) / t_train
+
+
+def flow_matching(n: int, shift: float = 1.0, *, sigma_min: float | None = None,
+                  sigma_max: float | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Rectified-flow sigmas with a timestep shift, as diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+    ``s`` runs linearly from ``sigma_max`` to ``sigma_min`` over ``n`` points and each is shifted,
+    ``sigma = shift * s / (1 + (shift - 1) * s)``; shift > 1 spends more steps at high noise (SD3 uses 3).
+    The sampler's state is ``x = (1 - sigma) * x0 + sigma * noise``.
+
+    Args:
+        n: number of sampling steps (>= 1), at most ``num_train_timesteps``.
+        shift: the shift (> 0); 1 leaves the linspace unchanged.
+        sigma_min: the low end of the unshifted linspace. Default: diffusers' value, ``shift`` applied
+            once to ``1 / num_train_timesteps`` (diffusers shifts that end twice; kept for equality).
+        sigma_max: the high end of the unshifted linspace, in (sigma_min, 1]. Default: 1 (diffusers'
+            float32 value of the shifted 1, which can be 1 ulp off).
+        num_train_timesteps: the model's training grid size.
+
+    Returns:
+        ``[n + 1]`` float64 CPU tensor, decreasing, ending in 0. The model's timestep for each sigma is
+        ``sigma * num_train_timesteps``.
+    """
+    n = _check_n(n)
+    shift = _check_float("shift", shift, positive=True)
+    t_train = _check_n(num_train_timesteps, "num_train_timesteps")
+    if n > t_train:
+        raise ValueError(f"n must be <= num_train_timesteps ({t_train}), got {n}")
+    lo_default, hi_default = _flow_train_range(shift, t_train)
+    if sigma_max is not None and _check_float("sigma_max", sigma_max, positive=True) > 1:
+        raise ValueError(f"sigma_max must be <= 1 for flow matching, got {sigma_max}")
+    lo, hi = _check_range(lo_default if sigma_min is None else sigma_min,
+                          hi_default if sigma_max is None else sigma_max)
+    return _append_zero(torch.from_numpy(_shift(_flow_linspace(n, lo, hi, t_train), shift)))
+
+
+_GETTERS = {"karras": karras, "exponential": exponential, "polyexponential": polyexponential,
+            "flow": flow_matching}
+
+
+def get(name: str, n: int, **kw: Any) -> torch.Tensor:
+    """Look a schedule up by name (one of :data:`SCHEDULES`) and build it for ``n`` steps.
+
+    ``get("karras", 30, sigma_min=0.03, sigma_max=14.6)``; keyword arguments go to the schedule function.
+
+    Returns:
+        ``[n + 1]`` float64 CPU tensor ending in 0.
+    """
+    if name not in _GETTERS:
+        raise ValueError(f"schedule {name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    return _GETTERS[name](n, **kw)
+
+
+def _log_sigma_to_t(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``_sigma_to_t`` as tensor ops: log_sigmas [T] increasing, sigma any shape, same dtype."""
+    flat = sigma.clamp_min(1e-10).log().reshape(-1).contiguous()
+    # Index of the last table entry <= log sigma (diffusers' cumsum-argmax), kept inside the table.
+    low_idx = (torch.searchsorted(log_sigmas, flat, right=True) - 1).clamp(0, log_sigmas.shape[0] - 2)
+    low = log_sigmas[low_idx]
+    high = log_sigmas[low_idx + 1]
+    # The table holds float32 numbers and diffusers takes their difference in float32; so does this.
+    w = ((low - flat) / (low - high).float().to(low.dtype)).clamp(0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(sigma.shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schedule: sigmas + the network's timesteps
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Schedule:
+    """A sampling schedule for a model trained with a diffusers-style noise schedule.
+
+    Attributes:
+        sigmas: ``[steps + 1]`` float64 CPU, decreasing, ``sigmas[-1] == 0``. For Heun / KDPM2 these are the
+            step boundaries (diffusers repeats the inner ones for its two-stage steps; the sampler forms
+            its own intermediate points).
+        timesteps: ``[steps]`` CPU, the network's timestep at ``sigmas[:-1]``, the values
+            ``scheduler.timesteps`` holds after ``set_timesteps(steps)`` (one per step for Heun / KDPM2).
+            dtype: int64 for the classes whose diffusers timesteps are int64 (DDIM, DPMSolverMultistep,
+            UniPCMultistep), float32 otherwise (diffusers' KDPM2 holds float64 with Karras / exponential
+            sigmas; the float32 values here are those, rounded).
+        prediction_type: what the network outputs: "epsilon", "v_prediction", "sample" or
+            "flow_prediction" (the flow velocity ``noise - x0``).
+        parametrization: "ve" (``x = x0 + sigma * noise``, network input ``x / sqrt(sigma^2 + 1)``) or
+            "flow" (``x = (1 - sigma) * x0 + sigma * noise``).
+        alphas_cumprod: ``[num_train_timesteps]`` float64 (diffusers' float32 values), None for flow models.
+        num_train_timesteps: the training grid size.
+        timestep_type: how :meth:`sigma_to_timestep` maps sigma: "discrete" (log-sigma interpolation in the
+            training table), "continuous" (``0.25 * log(sigma)``), "flow" (``sigma * num_train_timesteps``).
+        final_sigma: where diffusers' last step lands: 0, or the training table's smallest sigma when the
+            config says ``final_sigmas_type="sigma_min"`` (or DDIM's ``set_alpha_to_one=False``).
+            ``sigmas`` still end in 0; a sampler that wants diffusers' exact end stops at this value.
+        class_name: the diffusers scheduler class whose rules built this schedule.
+        train_sigmas: ``[num_train_timesteps]`` float64, the training sigma of each timestep (diffusers'
+            float32 values, increasing); None for flow models.
+        log_sigmas: ``[num_train_timesteps]`` float64, their logs taken in float32 as diffusers takes them:
+            the table :meth:`sigma_to_timestep` interpolates. None for flow models.
+    """
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    prediction_type: str = "epsilon"
+    parametrization: str = "ve"
+    alphas_cumprod: torch.Tensor | None = None
+    num_train_timesteps: int = 1000
+    timestep_type: str = "discrete"
+    final_sigma: float = 0.0
+    class_name: str = "EulerDiscreteScheduler"
+    train_sigmas: torch.Tensor | None = field(default=None, repr=False)
+    log_sigmas: torch.Tensor | None = field(default=None, repr=False)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def steps(self) -> int:
+        """Number of sampling steps (``len(sigmas) - 1``)."""
+        return int(self.sigmas.shape[0]) - 1
+
+    @property
+    def sigma_min(self) -> float:
+        """Smallest training sigma (e.g. for ``karras(n, s.sigma_min, s.sigma_max)``); 1/T for flow."""
+        if self.train_sigmas is not None:
+            return float(self.train_sigmas[0])
+        return 1.0 / self.num_train_timesteps
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest training sigma; 1 for flow."""
+        if self.train_sigmas is not None:
+            return float(self.train_sigmas[-1])
+        return 1.0
+
+    def _log_sigma_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = self.log_sigmas.to(device=device, dtype=dtype)
+            self._tables[key] = table
+        return table
+
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Map (continuous) sigmas to the network's timestep, as diffusers' ``_sigma_to_t``.
+
+        "discrete": piecewise-linear interpolation of the timestep index in log sigma over the training
+        table, clamped to [0, num_train_timesteps - 1] (sigma 0 maps to 0). "continuous": ``0.25 log sigma``
+        (-inf at sigma 0). "flow": ``sigma * num_train_timesteps`` (DPM-Solver / UniPC truncate that to
+        int64 in their ``timesteps``; this returns the exact value).
+
+        Pure tensor arithmetic on ``sigma``'s device (no host synchronisation), so it can run inside a
+        captured sampling loop. The log-sigma table is copied to a device on the first call there and
+        cached; call once before capturing a CUDA graph.
+
+        Args:
+            sigma: any shape, floating point.
+
+        Returns:
+            Timesteps, same shape; float64 for float64 input, float32 otherwise.
+        """
+        if not isinstance(sigma, torch.Tensor):
+            raise TypeError(f"sigma must be a torch.Tensor, got {type(sigma).__name__}")
+        if not sigma.is_floating_point():
+            raise TypeError(f"sigma must be a floating-point tensor, got dtype {sigma.dtype}")
+        dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+        s = sigma.to(dtype)
+        if self.timestep_type == "flow":
+            return s * self.num_train_timesteps
+        if self.timestep_type == "continuous":
+            return 0.25 * s.log()
+        return _log_sigma_to_t(self._log_sigma_table(s.device, dtype), s)
+
+
+# --------------------------------------------------------------------------------------------------------
+# diffusers scheduler configs
+# --------------------------------------------------------------------------------------------------------
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclass(frozen=True)
+class _ClassRules:
+    family: str                     # "euler" (float timesteps, sigma interp), "ddim", "multistep", "flow"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    spacing: str = "linspace"
+    beta_schedules: tuple = _BETA_SCHEDULES
+    spaced_sigmas: bool = True      # honours use_karras_sigmas / use_exponential_sigmas
+    zero_snr: bool = False          # honours rescale_betas_zero_snr
+    final_sigmas_type: bool = False  # honours final_sigmas_type
+    flow_sigmas: bool = False       # honours use_flow_sigmas
+
+
+_CLASSES = {
+    "EulerDiscreteScheduler": _ClassRules("euler", zero_snr=True, final_sigmas_type=True),
+    "EulerAncestralDiscreteScheduler": _ClassRules("euler", spaced_sigmas=False, zero_snr=True),
+    "HeunDiscreteScheduler": _ClassRules("euler", 0.00085, 0.012, beta_schedules=_BETA_SCHEDULES + ("exp",)),
+    "KDPM2DiscreteScheduler": _ClassRules("euler", 0.00085, 0.012),
+    "LMSDiscreteScheduler": _ClassRules("euler"),
+    "DDIMScheduler": _ClassRules("ddim", spacing="leading", spaced_sigmas=False, zero_snr=True),
+    "DPMSolverMultistepScheduler": _ClassRules("multistep", zero_snr=True, final_sigmas_type=True,
+                                               flow_sigmas=True),
+    "UniPCMultistepScheduler": _ClassRules("multistep", zero_snr=True, final_sigmas_type=True,
+                                           flow_sigmas=True),
+    "FlowMatchEulerDiscreteScheduler": _ClassRules("flow"),
+}
+SCHEDULER_CLASSES = tuple(_CLASSES)
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _choice(cfg: Mapping, key: str, default: Any, allowed, cls: str) -> Any:
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if value not in allowed:
+        raise ValueError(f"config[{key!r}] = {value!r} is not supported for {cls}; "
+                         f"allowed: {_allowed(allowed)}")
+    return value
+
+
+def _flag(cfg: Mapping, key: str) -> bool:
+    return bool(cfg.get(key) or False)
+
+
+def _betas_for_alpha_bar(t_train: int, kind: str) -> torch.Tensor:
+    if kind == "cosine":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    else:  # "exp"
+        def alpha_bar(t: float) -> float:
+            return math.exp(t * -12.0)
+    betas = [min(1 - alpha_bar((i + 1) / t_train) / alpha_bar(i / t_train), 0.999) for i in range(t_train)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    # Lin et al. 2023, Algorithm 1, in diffusers' float32 operation order.
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    a0 = alphas_bar_sqrt[0].clone()
+    a_last = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= a_last
+    alphas_bar_sqrt *= a0 / (a0 - a_last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def _alphas_cumprod(cfg: Mapping, rules: _ClassRules, cls: str, t_train: int) -> torch.Tensor:
+    """The float32 training ``alphas_cumprod`` [T], built as diffusers builds it."""
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        betas = torch.tensor(np.asarray(trained, dtype=np.float64), dtype=torch.float32)
+        if betas.ndim != 1 or betas.shape[0] != t_train:
+            raise ValueError(f"config['trained_betas'] must hold num_train_timesteps ({t_train}) values, "
+                             f"got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("config['trained_betas'] must lie in (0, 1)")
+    else:
+        schedule = _choice(cfg, "beta_schedule", "linear", rules.beta_schedules, cls)
+        b0 = _check_float("config['beta_start']", cfg.get("beta_start", rules.beta_start), positive=True)
+        b1 = _check_float("config['beta_end']", cfg.get("beta_end", rules.beta_end), positive=True)
+        if schedule == "linear":
+            betas = torch.linspace(b0, b1, t_train, dtype=torch.float32)
+        elif schedule == "scaled_linear":
+            betas = torch.linspace(b0**0.5, b1**0.5, t_train, dtype=torch.float32) ** 2
+        elif schedule == "squaredcos_cap_v2":
+            betas = _betas_for_alpha_bar(t_train, "cosine")
+        else:
+            betas = _betas_for_alpha_bar(t_train, "exp")
+        if schedule in ("linear", "scaled_linear") and not (b0 < 1 and b1 < 1):
+            raise ValueError(f"config['beta_start'] and config['beta_end'] must be < 1, got {b0}, {b1}")
+    zero_snr = rules.zero_snr and _flag(cfg, "rescale_betas_zero_snr")
+    if zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if zero_snr:
+        # As diffusers' Euler / DPM-Solver / UniPC: keep the terminal sigma finite (4096). DDIM keeps 0
+        # there (sigma = inf); the same substitution is made for it.
+        alphas_cumprod[-1] = 2**-24
+    return alphas_cumprod
+
+
+def _spaced_timesteps(spacing: str, n: int, t_train: int, offset: int, integer: bool) -> np.ndarray:
+    """The Euler-family (float32) and DDIM (int64) timestep spacings, in sampling order."""
+    if spacing == "linspace":
+        if integer:
+            return np.linspace(0, t_train - 1, n).round()[::-1].copy().astype(np.int64)
+        return np.linspace(0, t_train - 1, n, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        ratio = t_train // n
+        t = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64 if integer else np.float32)
+        return t + offset
+    # trailing. np.arange with a float step can overshoot by one element (a timestep of -1 after the
+    # shift); diffusers keeps that extra step, here the schedule has exactly n.
+    t = np.round(np.arange(t_train, 0, -t_train / n))[:n].astype(np.int64 if integer else np.float32)
+    return t - 1
+
+
+def _multistep_timesteps(spacing: str, n: int, t_train: int, last: int, offset: int) -> np.ndarray:
+    """DPMSolverMultistep / UniPCMultistep spacings: n + 1 points, the last (t = 0) dropped."""
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + offset
+    t = np.arange(last, 0, -t_train / n).round()[:n].copy().astype(np.int64)
+    return t - 1
+
+
+def _spaced_sigmas(kind: str, n: int, lo: float, hi: float) -> np.ndarray:
+    if not (0 < lo and (n == 1 or lo <= hi)):
+        raise ValueError(f"the {kind} sigma range must satisfy 0 < sigma_min <= sigma_max, got "
+                         f"sigma_min={lo}, sigma_max={hi} (config['sigma_min'] / config['sigma_max'] override "
+                         "the range taken from the training sigmas)")
+    return (_karras(n, lo, hi) if kind == "karras" else _exponential(n, lo, hi)).numpy()
+
+
+def _config_range(cfg: Mapping, lo: float, hi: float) -> tuple[float, float]:
+    # diffusers' _convert_to_karras / _convert_to_exponential read sigma_min / sigma_max from the config
+    # whenever the key is present and not None (whether or not the class declares it).
+    if cfg.get("sigma_min") is not None:
+        lo = _check_float("config['sigma_min']", cfg["sigma_min"], positive=True)
+    if cfg.get("sigma_max") is not None:
+        hi = _check_float("config['sigma_max']", cfg["sigma_max"], positive=True)
+    return lo, hi
+
+
+def _spacing_kind(cfg: Mapping, rules: _ClassRules, cls: str) -> str | None:
+    if not rules.spaced_sigmas:
+        return None
+    if _flag(cfg, "use_beta_sigmas"):
+        raise ValueError(f"config['use_beta_sigmas'] = True is not supported for {cls}; "
+                         "use use_karras_sigmas or use_exponential_sigmas")
+    karras_on, exp_on = _flag(cfg, "use_karras_sigmas"), _flag(cfg, "use_exponential_sigmas")
+    if karras_on and exp_on:
+        raise ValueError("config['use_karras_sigmas'] and config['use_exponential_sigmas'] are both True; "
+                         "choose one")
+    return "karras" if karras_on else "exponential" if exp_on else None
+
+
+def _mu(cfg: Mapping, mu: float | None, cls: str) -> float | None:
+    if _flag(cfg, "use_dynamic_shifting"):
+        if mu is None:
+            raise ValueError(f"mu is required: config['use_dynamic_shifting'] is True for {cls} "
+                             "(diffusers pipelines compute it from the image sequence length)")
+        return _check_float("mu", mu)
+    if mu is not None:
+        raise ValueError(f"mu = {mu} was given but config['use_dynamic_shifting'] is not True for {cls}")
+    return None
+
+
+def _time_shift(cfg: Mapping, mu: float, t: np.ndarray, cls: str) -> np.ndarray:
+    kind = _choice(cfg, "time_shift_type", "exponential", ("exponential", "linear"), cls)
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+    return mu / (mu + (1 / t - 1) ** 1.0)
+
+
+def _stretch_to_terminal(cfg: Mapping, t: np.ndarray) -> np.ndarray:
+    # Rescale 1 - t so the last sigma lands on shift_terminal (LTX-Video's schedule).
+    terminal = _check_float("config['shift_terminal']", cfg["shift_terminal"])
+    if not 0 <= terminal < 1:
+        raise ValueError(f"config['shift_terminal'] must be in [0, 1), got {terminal}")
+    if t.shape[0] < 2:
+        raise ValueError("config['shift_terminal'] needs steps >= 2 (with one step there is nothing to "
+                         "stretch; diffusers produces NaN)")
+    one_minus_z = 1 - t
+    scale = one_minus_z[-1] / (1 - terminal)
+    return 1 - one_minus_z / scale
+
+
+def _train_sigma(alphas_cumprod: torch.Tensor, index: int) -> float:
+    a = alphas_cumprod[index]
+    return float(((1 - a) / a) ** 0.5)
+
+
+def from_diffusers_config(config: Mapping[str, Any], steps: int, *, class_name: str | None = None,
+                          mu: float | None = None) -> Schedule:
+    """Build the schedule a diffusers scheduler computes for ``config`` and ``set_timesteps(steps)``.
+
+    ``config`` is the dict diffusers stores as ``scheduler_config.json``. The class named by
+    ``config["_class_name"]`` (or ``class_name``, which overrides it; EulerDiscreteScheduler when neither
+    is given) decides the spacing rules; see :data:`SCHEDULER_CLASSES`. Keys the class does not take are
+    ignored, as diffusers ignores them (e.g. ``use_karras_sigmas`` for EulerAncestral / DDIM).
+
+    Honoured keys: num_train_timesteps, beta_start, beta_end, beta_schedule (linear, scaled_linear,
+    squaredcos_cap_v2; Heun also exp), trained_betas, rescale_betas_zero_snr, timestep_spacing (linspace,
+    leading, trailing), steps_offset, use_karras_sigmas, use_exponential_sigmas, sigma_min / sigma_max (the
+    Karras / exponential range), final_sigmas_type, prediction_type, timestep_type (Euler),
+    lambda_min_clipped and use_lu_lambdas (DPM-Solver), use_flow_sigmas, flow_shift, shift, shift_terminal,
+    use_dynamic_shifting (with ``mu``), time_shift_type, set_alpha_to_one (DDIM).
+
+    Where this differs from diffusers, by design:
+
+    * Heun / KDPM2: ``sigmas`` are the step boundaries and ``timesteps`` one per step (diffusers interleaves
+      repeated / intermediate values for its two-stage steps).
+    * DDIM has no sigmas in diffusers: here ``sigmas[i]`` is the training sigma at ``timesteps[i]``, so a
+      step goes to the next listed timestep (diffusers' DDIM steps to ``t - T // steps``, the same for
+      "leading" spacing), and the last step goes to 0.
+    * ``sigmas`` always end in 0; ``final_sigma`` records diffusers' end when it is not 0.
+    * "trailing" spacing has exactly ``steps`` timesteps (diffusers' float ``arange`` sometimes adds a
+      step at timestep -1, e.g. 1000 training steps, 61 sampling steps).
+    * DPM-Solver with ``lambda_min_clipped`` and "trailing" spacing can give fewer than ``steps`` steps,
+      as in diffusers; ``Schedule.steps`` says how many.
+
+    Args:
+        config: the scheduler config dict.
+        steps: number of sampling steps, 1 <= steps <= num_train_timesteps.
+        class_name: use this diffusers class's rules instead of ``config["_class_name"]``, e.g. to sample
+            a model whose config names PNDMScheduler with EulerDiscreteScheduler's spacing.
+        mu: the dynamic-shift exponent, required when ``use_dynamic_shifting`` is set.
+
+    Returns:
+        A :class:`Schedule` with ``sigmas`` ``[S + 1]`` float64 and ``timesteps`` ``[S]``, S = ``steps``.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (scheduler_config.json), got {type(config).__name__}")
+    cls = class_name if class_name is not None else (config.get("_class_name") or "EulerDiscreteScheduler")
+    if cls not in _CLASSES:
+        source = "class_name" if class_name is not None else "config['_class_name']"
+        hint = "" if class_name is not None else "; pass class_name= to use one of these classes' rules"
+        raise ValueError(f"{source} = {cls!r} is not a supported scheduler class; "
+                         f"allowed: {_allowed(SCHEDULER_CLASSES)}{hint}")
+    rules = _CLASSES[cls]
+    t_train = _check_n(config.get("num_train_timesteps", 1000), "config['num_train_timesteps']")
+    if t_train < 2:
+        raise ValueError(f"config['num_train_timesteps'] must be >= 2, got {t_train}")
+    n = _check_n(steps, "steps")
+    if n > t_train:
+        raise ValueError(f"steps must be <= config['num_train_timesteps'] ({t_train}), got {n}")
+    if rules.family == "flow":
+        return _flow_schedule(config, n, t_train, cls, mu)
+
+    spacing = _choice(config, "timestep_spacing", rules.spacing, _SPACINGS, cls)
+    offset = config.get("steps_offset", 0) or 0
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise ValueError(f"config['steps_offset'] must be an int >= 0, got {offset!r}")
+    prediction = _choice(config, "prediction_type", "epsilon", PREDICTION_TYPES, cls)
+    final_type = "zero"
+    if rules.final_sigmas_type:
+        final_type = _choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"), cls)
+
+    abar = _alphas_cumprod(config, rules, cls, t_train)
+    table_np = (((1 - abar) / abar) ** 0.5).numpy()  # float32 [T], increasing in t
+    log_sigmas = torch.from_numpy(np.log(table_np).astype(np.float64))
+    kind = _spacing_kind(config, rules, cls)
+
+    def to_t(sigmas: np.ndarray) -> np.ndarray:
+        return _log_sigma_to_t(log_sigmas, torch.from_numpy(np.asarray(sigmas, dtype=np.float64))).numpy()
+
+    timestep_type, parametrization, final_sigma = "discrete", "ve", 0.0
+    if rules.family in ("euler", "ddim"):
+        integer = rules.family == "ddim"
+        timesteps = _spaced_timesteps(spacing, n, t_train, int(offset), integer)
+        sigmas = np.interp(timesteps, np.arange(t_train), table_np)
+        if kind is not None:
+            lo, hi = float(sigmas[-1]), float(sigmas[0])
+            if not (cls == "LMSDiscreteScheduler" and kind == "karras"):
+                lo, hi = _config_range(config, lo, hi)
+            sigmas = _spaced_sigmas(kind, n, lo, hi)
+            timesteps = to_t(sigmas)
+            if cls == "KDPM2DiscreteScheduler" and kind == "karras":
+                timesteps = timesteps.round()
+        if cls == "EulerDiscreteScheduler":
+            interp = config.get("interpolation_type") or "linear"
+            if interp != "linear":
+                raise ValueError(f"config['interpolation_type'] = {interp!r} is not supported for {cls}; "
+                                 "allowed: 'linear'")
+            ttype = _choice(config, "timestep_type", "discrete", ("discrete", "continuous"), cls)
+            if ttype == "continuous" and prediction == "v_prediction":
+                timestep_type = "continuous"
+        if final_type == "sigma_min":
+            final_sigma = _train_sigma(abar, 0)
+        if integer:
+            if config.get("set_alpha_to_one") is not None and not config["set_alpha_to_one"]:
+                final_sigma = _train_sigma(abar, 0)  # DDIM's last step stops at alphas_cumprod[0]
+            timesteps_t = torch.from_numpy(timesteps.astype(np.int64))
+        elif timestep_type == "continuous":
+            timesteps_t = 0.25 * torch.from_numpy(sigmas.astype(np.float32)).log()
+        else:
+            timesteps_t = torch.from_numpy(np.asarray(timesteps).astype(np.float32))
+    else:  # DPMSolverMultistep, UniPCMultistep
+        dpm = cls == "DPMSolverMultistepScheduler"
+        flow = rules.flow_sigmas and _flag(config, "use_flow_sigmas")
+        lu = dpm and _flag(config, "use_lu_lambdas")
+        if lu and kind is not None:
+            raise ValueError(f"config['use_lu_lambdas'] cannot be combined with use_{kind}_sigmas for {cls}")
+        if flow and (lu or kind == "exponential" or (dpm and kind == "karras")):
+            other = "use_lu_lambdas" if lu else f"use_{kind}_sigmas"
+            raise ValueError(f"config['use_flow_sigmas'] cannot be combined with {other} for {cls}")
+        last = t_train
+        if dpm:
+            lam = config.get("lambda_min_clipped")
+            lam = -math.inf if lam is None else float(lam)
+            lambda_t = torch.log(abar.sqrt()) - torch.log((1 - abar).sqrt())
+            last = t_train - int(torch.searchsorted(torch.flip(lambda_t, [0]), lam))
+            if last < 1:
+                raise ValueError(f"config['lambda_min_clipped'] = {lam} clips every timestep")
+        timesteps = _multistep_timesteps(spacing, n, t_train, last, int(offset))
+        # DPM-Solver rounds Karras / Lu timesteps except for the cosine schedule; UniPC always rounds.
+        round_t = not (dpm and config.get("beta_schedule") == "squaredcos_cap_v2")
+        if kind is not None:
+            lo, hi = _config_range(config, float(table_np[0]), float(table_np[-1]))
+            sigmas = _spaced_sigmas(kind, n, lo, hi)
+            if flow:  # UniPC: Karras spacing mapped to flow sigmas
+                sigmas = sigmas / (sigmas + 1)
+                timesteps = sigmas * t_train
+            else:
+                timesteps = to_t(sigmas)
+                if kind == "karras" and round_t:
+                    timesteps = timesteps.round()
+        elif lu:
+            lam_hi, lam_lo = float(log_sigmas[-1]), float(log_sigmas[0])
+            sigmas = np.exp(lam_hi + np.linspace(0, 1, n) * (lam_lo - lam_hi))
+            timesteps = to_t(sigmas)
+            if round_t:
+                timesteps = timesteps.round()
+        elif flow:
+            sigmas = _multistep_flow_sigmas(config, n, t_train, dpm, mu, cls)
+            timesteps = sigmas * t_train
+        else:
+            sigmas = np.interp(timesteps, np.arange(t_train), table_np)
+        if final_type == "sigma_min":
+            # UniPC ends at its own last sigma on the spaced / flow paths, at the table's smallest otherwise.
+            spaced = kind is not None or flow
+            final_sigma = float(np.float32(sigmas[-1])) if (spaced and not dpm) else _train_sigma(abar, 0)
+        if flow:
+            parametrization = timestep_type = "flow"
+        timesteps_t = torch.from_numpy(np.asarray(timesteps, dtype=np.float64)).to(torch.int64)
+    if mu is not None and parametrization != "flow":
+        raise ValueError(f"mu = {mu} was given but {cls} with this config does not use flow sigmas")
+    flow = parametrization == "flow"
+    return Schedule(sigmas=_append_zero(torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float64))),
+                    timesteps=timesteps_t, prediction_type=prediction, parametrization=parametrization,
+                    alphas_cumprod=None if flow else abar.double(), num_train_timesteps=t_train,
+                    timestep_type=timestep_type, final_sigma=final_sigma, class_name=cls,
+                    train_sigmas=None if flow else torch.from_numpy(table_np.astype(np.float64)),
+                    log_sigmas=None if flow else log_sigmas)
+
+
+def _multistep_flow_sigmas(cfg: Mapping, n: int, t_train: int, dpm: bool, mu: float | None,
+                           cls: str) -> np.ndarray:
+    """DPMSolverMultistep / UniPCMultistep with use_flow_sigmas: n flow sigmas (float64), decreasing."""
+    shift = cfg.get("flow_shift")
+    shift = _check_float("config['flow_shift']", 1.0 if shift is None else shift, positive=True)
+    if dpm:
+        if mu is not None:  # DPM-Solver: mu replaces flow_shift by exp(mu)
+            if not _flag(cfg, "use_dynamic_shifting"):
+                raise ValueError(f"mu = {mu} was given but config['use_dynamic_shifting'] is not True "
+                                 f"for {cls}")
+            shift = math.exp(_check_float("mu", mu))
+        s = 1.0 - np.linspace(1, 1 / t_train, n + 1)
+        return np.flip(_shift(s, shift))[:-1].copy()
+    mu = _mu(cfg, mu, cls)
+    s = np.linspace(1, 1 / t_train, n + 1)[:-1]
+    s = _time_shift(cfg, mu, s, cls) if mu is not None else _shift(s, shift)
+    if cfg.get("shift_terminal"):
+        s = _stretch_to_terminal(cfg, s)
+    if abs(s[0] - 1) < 1e-6:
+        s[0] -= 1e-6
+    return s
+
+
+def _flow_schedule(cfg: Mapping, n: int, t_train: int, cls: str, mu: float | None) -> Schedule:
+    """FlowMatchEulerDiscreteScheduler."""
+    if _flag(cfg, "invert_sigmas"):
+        raise ValueError(f"config['invert_sigmas'] = True is not supported for {cls} (sigmas must end in 0)")
+    shift = cfg.get("shift")
+    shift = _check_float("config['shift']", 1.0 if shift is None else shift, positive=True)
+    mu = _mu(cfg, mu, cls)
+    kind = _spacing_kind(cfg, _CLASSES[cls], cls)
+    terminal = cfg.get("shift_terminal")
+    if mu is None and not terminal and kind is None:
+        sigmas = flow_matching(n, shift, num_train_timesteps=t_train)[:-1].numpy()
+    else:
+        lo, hi = _flow_train_range(None if mu is not None else shift, t_train)
+        s = _flow_linspace(n, lo, hi, t_train)
+        sigmas = _time_shift(cfg, mu, s, cls) if mu is not None else _shift(s, shift)
+        if terminal:
+            sigmas = _stretch_to_terminal(cfg, sigmas)
+        if kind is not None:
+            lo, hi = _config_range(cfg, float(sigmas[-1]), float(sigmas[0]))
+            sigmas = _spaced_sigmas(kind, n, lo, hi)
+    timesteps = torch.from_numpy(np.asarray(sigmas, dtype=np.float32)) * t_train
+    return Schedule(sigmas=_append_zero(torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float64))),
+                    timesteps=timesteps, prediction_type="flow_prediction", parametrization="flow",
+                    alphas_cumprod=None, num_train_timesteps=t_train, timestep_type="flow", class_name=cls)

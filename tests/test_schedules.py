@@ -1,0 +1,631 @@
+"""Schedules: closed forms against k-diffusion's formulas, diffusers configs against diffusers itself.
+
+Tolerances: diffusers stores sigmas in float32, ours are float64 computed from the same float32 training
+tables, so they must agree to float32 rounding (relative 2**-23). Timesteps must be equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import diffusers  # a test dependency: without it these tests fail rather than skip
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffusion_fast import schedules
+
+diffusers.utils.logging.set_verbosity_error()
+
+# diffusers' schedulers pass torch tensors through numpy, which NumPy 2 warns about on every call.
+pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+
+F32_RTOL = 2.0**-23
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Every tensor here is tiny (<= 1000 elements); a second intra-op thread only adds hand-off latency
+    # (milliseconds per op on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+STEPS = (1, 2, 7, 20, 50)
+BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+KARRAS_CLASSES = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                  "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+PLAIN_CLASSES = ("EulerAncestralDiscreteScheduler", "DDIMScheduler")
+INT_TIMESTEP_CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference(sched, cls: str, steps: int, mu: float | None = None):
+    """diffusers' (sigmas, timesteps) for `steps`, reduced to one sigma per step boundary + final value."""
+    if mu is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(steps, mu=mu)
+    ts = sched.timesteps
+    if cls == "DDIMScheduler":  # no sigmas attribute: the training sigma at each timestep, then its end
+        a = torch.cat([sched.alphas_cumprod[ts], sched.final_alpha_cumprod.reshape(1)]).double()
+        return ((1 - a) / a) ** 0.5, ts
+    sig = sched.sigmas
+    if cls == "HeunDiscreteScheduler":  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]; timesteps likewise
+        return torch.cat([sig[0::2], sig[-1:]]), ts[0::2]
+    if cls == "KDPM2DiscreteScheduler":  # [s0, s1, s1, ..., 0, 0, 0]; [t0, t_mid, t1, t_mid, t2, ...]
+        return torch.cat([sig[:1], sig[1::2][: len(ts[0::2])]]), ts[0::2]
+    return sig, ts
+
+
+def assert_sigmas_match(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    ref = ref.double().clone()
+    ref[-1] = 0.0  # ours always end in 0; final_sigma carries diffusers' own end (checked elsewhere)
+    assert ours.dtype == torch.float64 and ours.device.type == "cpu", what
+    assert ours.shape == ref.shape, f"{what}: {tuple(ours.shape)} sigmas, diffusers has {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    bad = ((ours - ref).abs() > F32_RTOL * ref.abs()) & finite
+    if bad.any():
+        idx = bad.nonzero().flatten()[:5].tolist()
+        rows = ", ".join(f"[{i}] {ours[i].item():.9g} vs {ref[i].item():.9g}" for i in idx)
+        raise AssertionError(f"{what}: {int(bad.sum())} sigmas differ beyond float32 rounding: {rows}")
+
+
+def assert_timesteps_match(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert ours.shape == ref.shape, f"{what}: {tuple(ours.shape)} timesteps, diffusers {tuple(ref.shape)}"
+    ref = ref.to(ours.dtype)
+    if not torch.equal(ours, ref):
+        idx = (ours != ref).nonzero().flatten()[:5].tolist()
+        rows = ", ".join(f"[{i}] {ours[i].item()!r} vs {ref[i].item()!r}" for i in idx)
+        raise AssertionError(f"{what}: timesteps differ: {rows}")
+
+
+def assert_schedule_shape(s: schedules.Schedule, steps: int) -> None:
+    assert s.sigmas.shape == (steps + 1,) and s.timesteps.shape == (steps,)
+    assert s.sigmas[-1].item() == 0.0
+    assert bool((s.sigmas[1:] < s.sigmas[:-1]).all()), f"sigmas not strictly decreasing: {s.sigmas}"
+
+
+def check_against_diffusers(cfg: dict, steps_list=STEPS, mu: float | None = None, sched=None) -> None:
+    cls = cfg.get("_class_name", "EulerDiscreteScheduler")
+    if sched is None:
+        sched = getattr(diffusers, cls).from_config(cfg)
+    for steps in steps_list:
+        what = f"{cfg} steps={steps}"
+        ref_sigmas, ref_ts = reference(sched, cls, steps, mu)
+        ours = schedules.from_diffusers_config(cfg, steps, mu=mu)
+        assert_sigmas_match(ours.sigmas, ref_sigmas, what)
+        assert_timesteps_match(ours.timesteps, ref_ts, what)
+        expected = ref_sigmas[-1].item()
+        assert ours.final_sigma == pytest.approx(expected, rel=F32_RTOL, abs=0), what
+        assert_schedule_shape(ours, steps)
+        want_dtype = torch.int64 if cls in INT_TIMESTEP_CLASSES else torch.float32
+        assert ours.timesteps.dtype == want_dtype, what
+        # diffusers' own dtype is the same, except KDPM2's float64 for Karras / exponential sigmas
+        if not (cls == "KDPM2DiscreteScheduler" and ref_ts.dtype == torch.float64):
+            assert ref_ts.dtype == want_dtype, what
+
+
+# ----------------------------------------------------------------------------------------------------
+# closed-form schedules
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ramp(i: int, n: int) -> float:
+    return 0.0 if n == 1 else i / (n - 1)
+
+
+RANGES = [(0.0292, 14.6146), (0.002, 80.0), (0.1, 0.11)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+@pytest.mark.parametrize("sigma_min,sigma_max", RANGES)
+@pytest.mark.parametrize("rho", [7.0, 3.0, 1.0])
+def test_karras_matches_formula(n, sigma_min, sigma_max, rho):
+    got = schedules.karras(n, sigma_min, sigma_max, rho)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    want = [(hi + _ramp(i, n) * (lo - hi)) ** rho for i in range(n)] + [0.0]
+    assert got.dtype == torch.float64 and got.device.type == "cpu"
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert got[0].item() == pytest.approx(sigma_max, rel=1e-14)
+    if n > 1:
+        assert got[-2].item() == pytest.approx(sigma_min, rel=1e-13)
+        assert bool((got[1:] < got[:-1]).all())
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+@pytest.mark.parametrize("sigma_min,sigma_max", RANGES)
+def test_exponential_matches_formula(n, sigma_min, sigma_max):
+    got = schedules.exponential(n, sigma_min, sigma_max)
+    a, b = math.log(sigma_max), math.log(sigma_min)
+    want = [math.exp(a + _ramp(i, n) * (b - a)) for i in range(n)] + [0.0]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-13, atol=0)
+    if n > 1:
+        ratios = got[1:-1] / got[:-2]  # evenly spaced in log sigma
+        torch.testing.assert_close(ratios, ratios[:1].expand_as(ratios), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+@pytest.mark.parametrize("rho", [1.0, 2.0, 0.5])
+def test_polyexponential_matches_formula(n, rho):
+    got = schedules.polyexponential(n, 0.03, 14.6, rho)
+    want = [math.exp((1 - _ramp(i, n)) ** rho * (math.log(14.6) - math.log(0.03)) + math.log(0.03))
+            for i in range(n)] + [0.0]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-13, atol=0)
+    if rho == 1.0:
+        torch.testing.assert_close(got, schedules.exponential(n, 0.03, 14.6), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 28, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 1.7, 0.5, 0.15])  # 0.15: diffusers' float32 shifted 1 is 1 + 2 ulp
+def test_flow_matching_matches_diffusers_and_formula(n, shift):
+    got = schedules.flow_matching(n, shift)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(n)
+    assert_sigmas_match(got, sched.sigmas, f"flow_matching({n}, {shift})")
+    # written out: shift applied to a linspace from 1 down to the once-shifted 1/T. diffusers' ends are
+    # float32 (1 can be 1 +- 2 ulp), and the shift's slope at 1 (1 / shift) magnifies that: rtol 2e-5.
+    lo = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    s = [1 + _ramp(i, n) * (lo - 1) for i in range(n)]
+    want = [shift * x / (1 + (shift - 1) * x) for x in s] + [0.0]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=2e-5, atol=0)
+
+
+def test_flow_matching_explicit_range():
+    got = schedules.flow_matching(5, 2.0, sigma_min=0.2, sigma_max=0.9)
+    s = np.linspace(0.9, 0.2, 5)
+    want = np.append(2 * s / (1 + s), 0.0)
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-13, atol=0)
+
+
+def test_get_dispatches_by_name():
+    assert set(schedules.SCHEDULES) == {"karras", "exponential", "polyexponential", "flow"}
+    torch.testing.assert_close(schedules.get("karras", 9, sigma_min=0.1, sigma_max=10.0, rho=5.0),
+                               schedules.karras(9, 0.1, 10.0, 5.0), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.get("exponential", 9, sigma_min=0.1, sigma_max=10.0),
+                               schedules.exponential(9, 0.1, 10.0), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.get("polyexponential", 9, sigma_min=0.1, sigma_max=10.0, rho=2.0),
+                               schedules.polyexponential(9, 0.1, 10.0, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.get("flow", 9, shift=3.0), schedules.flow_matching(9, 3.0),
+                               rtol=0, atol=0)
+    for name in schedules.SCHEDULES:
+        kw = {"shift": 2.0} if name == "flow" else {"sigma_min": 0.5, "sigma_max": 2.0}
+        s = schedules.get(name, 4, **kw)
+        assert s.shape == (5,) and s.dtype == torch.float64 and s[-1].item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# diffusers configs: the grid
+# ----------------------------------------------------------------------------------------------------
+
+GRID = [(cls, beta, spacing, offset, karras)
+        for cls in KARRAS_CLASSES + PLAIN_CLASSES
+        for beta, spacing, offset in itertools.product(BETAS, SPACINGS, (0, 1))
+        for karras in ((False, True) if cls in KARRAS_CLASSES else (False,))]
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def _grid_reference(cfg: dict):
+    """One diffusers scheduler per (class, betas), re-pointed at the grid's spacing options.
+
+    The training tables depend only on the beta keys, and set_timesteps reads timestep_spacing,
+    steps_offset and use_karras_sigmas from the config each call; constructing KDPM2 (which runs
+    set_timesteps(1000) with 2000 sigma->t conversions) for every grid cell would dominate the test time.
+    test_reconfigured_reference_equals_a_fresh_one checks the shortcut.
+    """
+    key = (cfg["_class_name"], cfg["beta_schedule"])
+    sched = _REFERENCE_CACHE.get(key)
+    if sched is None:
+        sched = _REFERENCE_CACHE[key] = getattr(diffusers, key[0]).from_config(cfg)
+    options = {k: cfg[k] for k in ("timestep_spacing", "steps_offset", "use_karras_sigmas")
+               if k in sched.config}
+    sched.register_to_config(**options)
+    assert all(sched.config[k] == v for k, v in options.items())
+    return sched
+
+
+def _grid_config(cls, beta, spacing, offset, karras) -> dict:
+    return {"_class_name": cls, "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": beta, "timestep_spacing": spacing, "steps_offset": offset,
+            "use_karras_sigmas": karras}
+
+
+@pytest.mark.parametrize("cls,beta,spacing,offset,karras", GRID)
+def test_matches_diffusers_grid(cls, beta, spacing, offset, karras):
+    cfg = _grid_config(cls, beta, spacing, offset, karras)
+    check_against_diffusers(cfg, sched=_grid_reference(cfg))
+
+
+def test_reconfigured_reference_equals_a_fresh_one():
+    for args in [("KDPM2DiscreteScheduler", "linear", "trailing", 1, True),
+                 ("EulerDiscreteScheduler", "scaled_linear", "leading", 1, False)]:
+        cfg = _grid_config(*args)
+        _grid_reference(_grid_config(args[0], args[1], "linspace", 0, not args[4]))  # some other state
+        reused, fresh = _grid_reference(cfg), getattr(diffusers, args[0]).from_config(cfg)
+        for steps in (7, 20):
+            (s1, t1), (s2, t2) = reference(reused, args[0], steps), reference(fresh, args[0], steps)
+            assert torch.equal(s1, s2) and torch.equal(t1, t2)
+
+
+# One config per feature beyond the grid: zero terminal SNR, exponential sigmas, config sigma range,
+# final_sigmas_type, continuous timesteps, lambda clipping, Lu lambdas, flow sigmas, trained betas, ...
+_SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+FEATURES = (
+    [{"_class_name": c, **_SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+      "prediction_type": "v_prediction"}
+     for c in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+               "UniPCMultistepScheduler")]
+    + [{"_class_name": c, **_SD, "use_exponential_sigmas": True, "timestep_spacing": sp, "steps_offset": 1}
+       for c in KARRAS_CLASSES for sp in SPACINGS]
+    + [{"_class_name": c, **_SD, key: True, "sigma_min": 0.1, "sigma_max": 10.0}
+       for c in KARRAS_CLASSES for key in ("use_karras_sigmas", "use_exponential_sigmas")]
+    + [
+        {"_class_name": "EulerDiscreteScheduler", "final_sigmas_type": "sigma_min"},
+        {"_class_name": "EulerDiscreteScheduler", "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+        {"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous", "prediction_type": "v_prediction"},
+        {"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous", "prediction_type": "v_prediction",
+         "use_karras_sigmas": True},
+        {"_class_name": "EulerAncestralDiscreteScheduler", "use_karras_sigmas": True},  # ignored, as diffusers
+        {"_class_name": "HeunDiscreteScheduler", "beta_schedule": "exp"},
+        {"_class_name": "HeunDiscreteScheduler", "beta_schedule": "exp", "use_karras_sigmas": True},
+        {"_class_name": "DPMSolverMultistepScheduler", "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+        {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "squaredcos_cap_v2",
+         "lambda_min_clipped": -5.1},
+        {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "squaredcos_cap_v2",
+         "lambda_min_clipped": -5.1, "timestep_spacing": "leading", "steps_offset": 1},
+        {"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": True},
+        {"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"},
+        {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0,
+         "prediction_type": "flow_prediction"},
+        {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0,
+         "prediction_type": "flow_prediction", "final_sigmas_type": "sigma_min"},
+        {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 5.0,
+         "prediction_type": "flow_prediction"},
+        {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+         "final_sigmas_type": "sigma_min"},
+        {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "use_karras_sigmas": True,
+         "prediction_type": "flow_prediction"},
+        {"_class_name": "UniPCMultistepScheduler", "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+        {"_class_name": "UniPCMultistepScheduler", "final_sigmas_type": "sigma_min"},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler"},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.7},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_karras_sigmas": True},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_exponential_sigmas": True},
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 500, "shift": 2.0},
+        {"_class_name": "DDIMScheduler", **_SD, "set_alpha_to_one": False, "steps_offset": 1},
+        {"_class_name": "DDIMScheduler", **_SD, "timestep_spacing": "linspace"},
+    ]
+)
+
+
+@pytest.mark.parametrize("cfg", FEATURES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_diffusers_features(cfg):
+    check_against_diffusers(cfg)
+
+
+@pytest.mark.parametrize("cfg,mu", [
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, 0.8),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+      "time_shift_type": "linear"}, 1.3),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "shift_terminal": 0.1,
+      "use_exponential_sigmas": True}, 1.1),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "shift_terminal": 0.02}, None),
+    ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "use_dynamic_shifting": True}, 0.9),
+    ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0,
+      "shift_terminal": 0.1}, None),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "use_dynamic_shifting": True}, 0.7),
+])
+def test_matches_diffusers_shifted_flow(cfg, mu):
+    # shift_terminal is undefined for one step (diffusers divides 0 by 0), so start at 2
+    check_against_diffusers(cfg, STEPS[1:], mu=mu)
+
+
+def test_trained_betas_match_diffusers():
+    betas = diffusers.DDPMScheduler(**_SD).betas.tolist()
+    for cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        check_against_diffusers({"_class_name": cls, "trained_betas": betas, "use_karras_sigmas": True})
+        check_against_diffusers({"_class_name": cls, "trained_betas": betas})
+
+
+def test_ddim_zero_terminal_snr_has_finite_first_sigma():
+    cfg = {"_class_name": "DDIMScheduler", **_SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    # diffusers' DDIM keeps alphas_cumprod[-1] = 0 (sigma = inf); Euler's 2**-24 is used instead
+    check_against_diffusers(cfg)
+    s = schedules.from_diffusers_config(cfg, 10)
+    assert s.timesteps[0].item() == 999
+    assert s.sigmas[0].item() == pytest.approx(math.sqrt(2.0**24 - 1), rel=1e-6)
+
+
+def test_no_class_name_uses_euler_rules_and_class_name_overrides():
+    cfg = {**_SD, "timestep_spacing": "leading", "steps_offset": 1, "skip_prk_steps": True}
+    check_against_diffusers(cfg)  # reference() defaults to EulerDiscreteScheduler
+    pndm = {**cfg, "_class_name": "PNDMScheduler"}
+    with pytest.raises(ValueError, match="PNDMScheduler"):
+        schedules.from_diffusers_config(pndm, 20)
+    for cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        got = schedules.from_diffusers_config(pndm, 20, class_name=cls)
+        want = schedules.from_diffusers_config({**cfg, "_class_name": cls}, 20)
+        assert torch.equal(got.sigmas, want.sigmas) and torch.equal(got.timesteps, want.timesteps)
+        assert got.class_name == cls
+
+
+def test_trailing_spacing_has_exactly_steps_timesteps():
+    # np.arange(1000, 0, -1000/61) has 62 elements; diffusers keeps a 62nd step at timestep -1.
+    for cls in ("EulerDiscreteScheduler", "DDIMScheduler", "UniPCMultistepScheduler"):
+        sched = getattr(diffusers, cls).from_config({"timestep_spacing": "trailing", **_SD})
+        ref_sigmas, ref_ts = reference(sched, cls, 61)
+        assert len(ref_ts) == 62 and ref_ts[-1].item() == -1
+        ours = schedules.from_diffusers_config({"_class_name": cls, "timestep_spacing": "trailing", **_SD}, 61)
+        assert_timesteps_match(ours.timesteps, ref_ts[:61], cls)
+        assert_sigmas_match(ours.sigmas, torch.cat([ref_sigmas[:61], ref_sigmas[-1:]]), cls)
+
+
+def test_lambda_clipping_with_trailing_spacing_can_shorten_the_schedule():
+    cfg = {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "squaredcos_cap_v2",
+           "lambda_min_clipped": -5.1, "timestep_spacing": "trailing"}
+    check_against_diffusers(cfg)
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+    ref_sigmas, ref_ts = reference(sched, "DPMSolverMultistepScheduler", 333)
+    ours = schedules.from_diffusers_config(cfg, 333)
+    assert ours.steps == len(ref_ts) == 332  # as diffusers: the clipped range fits 332 steps of T/333
+    assert_timesteps_match(ours.timesteps, ref_ts, "333 steps")
+    assert_sigmas_match(ours.sigmas, ref_sigmas, "333 steps")
+
+
+def test_schedule_fields():
+    cfg = {"_class_name": "EulerDiscreteScheduler", **_SD, "prediction_type": "v_prediction"}
+    s = schedules.from_diffusers_config(cfg, 25)
+    ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
+    assert s.prediction_type == "v_prediction" and s.parametrization == "ve"
+    assert s.timestep_type == "discrete" and s.class_name == "EulerDiscreteScheduler"
+    assert s.num_train_timesteps == 1000 and s.steps == 25
+    assert s.alphas_cumprod.dtype == torch.float64
+    assert torch.equal(s.alphas_cumprod, ref.alphas_cumprod.double())
+    table = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
+    assert s.sigma_min == table[0].item() and s.sigma_max == table[-1].item()
+    assert torch.equal(s.train_sigmas, table.double())
+    assert schedules.from_diffusers_config({**_SD}, 5).prediction_type == "epsilon"
+    ddim = schedules.from_diffusers_config({"_class_name": "DDIMScheduler", **_SD, "steps_offset": 1}, 10)
+    assert ddim.timesteps.tolist() == list(range(901, 0, -100))  # DDIM's default spacing is "leading"
+
+    flow = schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 28)
+    assert flow.parametrization == "flow" and flow.prediction_type == "flow_prediction"
+    assert flow.alphas_cumprod is None and flow.timestep_type == "flow"
+    assert flow.sigmas[0].item() == pytest.approx(1.0) and flow.sigmas[-1].item() == 0.0
+    wan = schedules.from_diffusers_config({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+                                           "flow_shift": 3.0, "prediction_type": "flow_prediction"}, 30)
+    assert wan.parametrization == "flow" and wan.prediction_type == "flow_prediction"
+
+
+# ----------------------------------------------------------------------------------------------------
+# sigma_to_timestep
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_sigma_to_timestep_matches_diffusers(beta):
+    cfg = {"beta_schedule": beta, "beta_start": 0.00085, "beta_end": 0.012}
+    ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
+    s = schedules.from_diffusers_config(cfg, 10)
+    log_table = np.log((((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5).numpy())
+    g = torch.Generator().manual_seed(0)
+    lo, hi = math.log(s.sigma_min) - 1, math.log(s.sigma_max) + 1  # also beyond both ends
+    sigma = torch.empty(497, dtype=torch.float64).uniform_(lo, hi, generator=g).exp()
+    sigma = torch.cat([sigma, torch.tensor([0.0, 1e-12, 1e6], dtype=torch.float64)])
+    want = torch.tensor([float(ref._sigma_to_t(x, log_table)) for x in sigma.numpy()], dtype=torch.float64)
+    got = s.sigma_to_timestep(sigma)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    assert got[-3].item() == 0.0 and got[-1].item() == 999.0
+    # float32 on the device: the same up to float32 rounding of log sigma and of t (ulp(999) = 6.1e-5)
+    got32 = s.sigma_to_timestep(sigma.float().reshape(50, 10))
+    assert got32.dtype == torch.float32 and got32.shape == (50, 10)
+    torch.testing.assert_close(got32.reshape(-1).double(), want, rtol=0, atol=4 * 6.1e-5)
+
+
+def test_sigma_to_timestep_keeps_shape():
+    s = schedules.from_diffusers_config({**_SD}, 10)
+    x = s.sigmas[:-1].float().reshape(2, 5)
+    t = s.sigma_to_timestep(x)
+    assert t.shape == (2, 5) and t.dtype == torch.float32
+    torch.testing.assert_close(t.reshape(-1), s.timesteps, rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize("beta", BETAS + ("exp",))
+def test_sigma_to_timestep_is_exact_on_the_training_table(beta):
+    s = schedules.from_diffusers_config({"_class_name": "HeunDiscreteScheduler", "beta_schedule": beta}, 10)
+    t = s.sigma_to_timestep(s.train_sigmas)
+    # only error: the log table is float32 (diffusers'), so log(sigma) differs from it by ~1e-7 relative
+    torch.testing.assert_close(t, torch.arange(1000, dtype=torch.float64), rtol=0, atol=1e-3)
+
+
+def _round_trip_bound(cfg: dict, s: schedules.Schedule) -> float:
+    cls = s.class_name
+    spaced = cfg.get("use_karras_sigmas") or cfg.get("use_exponential_sigmas")
+    if spaced and cls == "KDPM2DiscreteScheduler" and cfg.get("use_karras_sigmas"):
+        return 0.5 + 1e-3  # KDPM2 rounds its Karras timesteps
+    if spaced and cls in INT_TIMESTEP_CLASSES:
+        return 1.0  # rounded (or, for exponential / cosine-Karras DPM-Solver, truncated) to int64
+    if spaced or cls == "FlowMatchEulerDiscreteScheduler":
+        return 1e-4  # the timesteps came from this same map, rounded to float32
+    if cfg.get("timestep_spacing", "linspace") == "linspace" and cls not in INT_TIMESTEP_CLASSES:
+        # fractional timesteps: diffusers interpolates sigma linearly in t, the inverse map interpolates
+        # log sigma; the two differ inside a training interval by at most ~0.006 for these schedules
+        return 0.01
+    return 1e-3  # integer timesteps: exact up to the float32 log table
+
+
+@pytest.mark.parametrize("cls,beta,spacing,offset,karras", GRID[::3])
+def test_sigma_to_timestep_round_trips_on_schedule_sigmas(cls, beta, spacing, offset, karras):
+    cfg = {"_class_name": cls, **_SD, "beta_schedule": beta, "timestep_spacing": spacing,
+           "steps_offset": offset, "use_karras_sigmas": karras}
+    for steps in STEPS:
+        s = schedules.from_diffusers_config(cfg, steps)
+        t = s.sigma_to_timestep(s.sigmas[:-1])
+        err = (t - s.timesteps.double()).abs().max().item()
+        assert err <= _round_trip_bound(cfg, s), f"{cfg} steps={steps}: round trip off by {err}"
+
+
+def test_sigma_to_timestep_flow_and_continuous():
+    flow = schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 9)
+    torch.testing.assert_close(flow.sigma_to_timestep(flow.sigmas[:-1].float()), flow.timesteps, rtol=0, atol=0)
+    cont = schedules.from_diffusers_config({"timestep_type": "continuous", "prediction_type": "v_prediction"}, 9)
+    assert cont.timestep_type == "continuous"
+    torch.testing.assert_close(cont.sigma_to_timestep(cont.sigmas[:-1].float()), cont.timesteps,
+                               rtol=0, atol=1e-6)
+
+
+_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "allclose"}
+
+
+class _FailOnHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _SYNC_OPS:
+            raise AssertionError(f"host synchronisation: aten.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_sync_guard_catches_item():
+    with pytest.raises(AssertionError, match="host synchronisation"), _FailOnHostSync():
+        torch.ones(1).item()
+
+
+@pytest.mark.parametrize("cfg", [dict(_SD), {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+                                 {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}])
+def test_sigma_to_timestep_has_no_host_sync(cfg):
+    s = schedules.from_diffusers_config(cfg, 12)
+    sig = s.sigmas[:-1].float()
+    s.sigma_to_timestep(sig[:1])  # first call on a device caches the table there
+    with _FailOnHostSync():
+        for i in range(s.steps):
+            s.sigma_to_timestep(sig[i : i + 1] * torch.ones(3))
+        s.sigma_to_timestep(s.sigmas)
+
+
+@pytest.mark.gpu
+def test_sigma_to_timestep_on_cuda_without_sync():
+    s = schedules.from_diffusers_config(dict(_SD, use_karras_sigmas=True), 30)
+    sig = s.sigmas.float().cuda()
+    s.sigma_to_timestep(sig)  # table upload
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = s.sigma_to_timestep(sig)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.device.type == "cuda"
+    torch.testing.assert_close(t.cpu(), s.sigma_to_timestep(s.sigmas.float()), rtol=0, atol=4 * 6.1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------
+
+BAD_CLOSED_FORM = [
+    (lambda: schedules.karras(0, 0.1, 10), ValueError, "n must be >= 1"),
+    (lambda: schedules.karras(2.5, 0.1, 10), TypeError, "n must be an int"),
+    (lambda: schedules.karras(True, 0.1, 10), TypeError, "n must be an int"),
+    (lambda: schedules.karras(5, 0.0, 10), ValueError, "sigma_min must be > 0"),
+    (lambda: schedules.karras(5, -1.0, 10), ValueError, "sigma_min must be > 0"),
+    (lambda: schedules.karras(5, float("nan"), 10), ValueError, "sigma_min must be finite"),
+    (lambda: schedules.karras(5, 0.1, float("inf")), ValueError, "sigma_max must be finite"),
+    (lambda: schedules.karras(5, 10.0, 0.1), ValueError, "sigma_min must be < sigma_max"),
+    (lambda: schedules.karras(5, 1.0, 1.0), ValueError, "sigma_min must be < sigma_max"),
+    (lambda: schedules.karras(5, "0.1", 10), TypeError, "sigma_min must be a float"),
+    (lambda: schedules.karras(5, 0.1, 10, rho=0.0), ValueError, "rho must be > 0"),
+    (lambda: schedules.exponential(0, 0.1, 10), ValueError, "n must be >= 1"),
+    (lambda: schedules.exponential(5, 0.1, 0.05), ValueError, "sigma_min must be < sigma_max"),
+    (lambda: schedules.polyexponential(5, 0.1, 10, rho=-1.0), ValueError, "rho must be > 0"),
+    (lambda: schedules.flow_matching(5, shift=0.0), ValueError, "shift must be > 0"),
+    (lambda: schedules.flow_matching(5, shift=float("nan")), ValueError, "shift must be finite"),
+    (lambda: schedules.flow_matching(5, sigma_max=1.5), ValueError, "sigma_max must be <= 1"),
+    (lambda: schedules.flow_matching(5, sigma_min=0.5, sigma_max=0.2), ValueError, "sigma_min must be < sigma_max"),
+    (lambda: schedules.flow_matching(1001), ValueError, "n must be <= num_train_timesteps (1000)"),
+    (lambda: schedules.get("cosine", 5), ValueError, "schedule 'cosine' is unknown; choose one of karras"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", BAD_CLOSED_FORM)
+def test_bad_closed_form_input_names_the_argument(call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
+
+
+BAD_CONFIG = [
+    ({"beta_schedule": "cosine"}, 10, ValueError,
+     ["config['beta_schedule'] = 'cosine'", "'linear', 'scaled_linear', 'squaredcos_cap_v2'"]),
+    ({"_class_name": "DDIMScheduler", "beta_schedule": "exp"}, 10, ValueError, ["'exp'", "DDIMScheduler"]),
+    ({"timestep_spacing": "uniform"}, 10, ValueError,
+     ["config['timestep_spacing'] = 'uniform'", "'linspace', 'leading', 'trailing'"]),
+    ({"_class_name": "PNDMScheduler"}, 10, ValueError,
+     ["'PNDMScheduler'", "_class_name", "'EulerDiscreteScheduler'", "class_name="]),
+    ({"prediction_type": "x0"}, 10, ValueError, ["config['prediction_type'] = 'x0'", "'epsilon'"]),
+    ({"final_sigmas_type": "one"}, 10, ValueError, ["config['final_sigmas_type'] = 'one'", "'sigma_min'"]),
+    ({"timestep_type": "log"}, 10, ValueError, ["config['timestep_type'] = 'log'", "'continuous'"]),
+    ({"interpolation_type": "log_linear"}, 10, ValueError, ["config['interpolation_type'] = 'log_linear'"]),
+    ({"use_beta_sigmas": True}, 10, ValueError, ["config['use_beta_sigmas']"]),
+    ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, 10, ValueError,
+     ["config['use_karras_sigmas']", "config['use_exponential_sigmas']"]),
+    ({"trained_betas": [0.01] * 10}, 10, ValueError, ["config['trained_betas']", "1000"]),
+    ({"beta_start": float("nan")}, 10, ValueError, ["config['beta_start'] must be finite"]),
+    ({"beta_end": 1.5}, 10, ValueError, ["config['beta_end']", "< 1"]),
+    ({"steps_offset": -1}, 10, ValueError, ["config['steps_offset']", "-1"]),
+    ({"num_train_timesteps": 1}, 1, ValueError, ["config['num_train_timesteps'] must be >= 2"]),
+    ({}, 0, ValueError, ["steps must be >= 1, got 0"]),
+    ({}, 1001, ValueError, ["steps must be <= config['num_train_timesteps'] (1000), got 1001"]),
+    ({"num_train_timesteps": 100}, 101, ValueError, ["steps must be <= config['num_train_timesteps'] (100)"]),
+    ({}, 2.0, TypeError, ["steps must be an int"]),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, 10, ValueError,
+     ["mu is required", "use_dynamic_shifting"]),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 0.0}, 10, ValueError,
+     ["config['shift'] must be > 0"]),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}, 10, ValueError,
+     ["config['invert_sigmas']"]),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift_terminal": 0.1}, 1, ValueError,
+     ["config['shift_terminal'] needs steps >= 2"]),
+    ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "flow_shift": -2.0}, 10, ValueError,
+     ["config['flow_shift'] must be > 0"]),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": True, "use_karras_sigmas": True}, 10,
+     ValueError, ["config['use_lu_lambdas']", "use_karras_sigmas"]),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "use_karras_sigmas": True}, 10,
+     ValueError, ["config['use_flow_sigmas']", "use_karras_sigmas"]),
+    ({"use_karras_sigmas": True, "sigma_min": 0.0}, 10, ValueError, ["config['sigma_min'] must be > 0"]),
+    ({"use_karras_sigmas": True, "sigma_min": 200.0}, 10, ValueError, ["sigma_min", "sigma_max", "200.0"]),
+]
+
+
+@pytest.mark.parametrize("cfg,steps,exc,parts", BAD_CONFIG)
+def test_bad_config_names_the_key_and_value(cfg, steps, exc, parts):
+    with pytest.raises(exc) as info:
+        schedules.from_diffusers_config(cfg, steps)
+    for part in parts:
+        assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
+
+
+def test_bad_call_arguments():
+    with pytest.raises(TypeError, match="config must be a dict"):
+        schedules.from_diffusers_config([("beta_schedule", "linear")], 10)
+    with pytest.raises(ValueError, match="mu = 0.5 was given"):
+        schedules.from_diffusers_config({}, 10, mu=0.5)
+    with pytest.raises(ValueError, match="mu = 0.5 was given"):
+        schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler"}, 10, mu=0.5)
+    with pytest.raises(ValueError, match="class_name = 'Nope' is not a supported"):
+        schedules.from_diffusers_config({}, 10, class_name="Nope")
+    s = schedules.from_diffusers_config({}, 10)
+    with pytest.raises(TypeError, match="sigma must be a torch.Tensor"):
+        s.sigma_to_timestep(1.0)
+    with pytest.raises(TypeError, match="sigma must be a floating-point tensor"):
+        s.sigma_to_timestep(torch.tensor([3]))
