@@ -36,8 +36,9 @@ def load_error() -> str | None:
     return _state["err"]  # type: ignore[return-value]
 
 
+@functools.cache
 def available() -> str | None:
-    """None when the CUDA kernels can run on this machine at all, else the reason."""
+    """None when the CUDA kernels can run on this machine at all, else the reason (asked once per process)."""
     mod = ext()
     if mod is None:
         return ("the CUDA extension diffusion_fast._C is not built (reinstall with nvcc on PATH, e.g. "

@@ -1,0 +1,193 @@
+"""CUDA GroupNorm(+SiLU, + per-channel pre-add) against a float64 formulation.
+
+Every dtype and both layouts, odd shapes (scalar and 16-byte vector paths), ranks 3 to 5, the split grid
+(two launches) and the fused grid (one launch), NaN-poisoned outputs, bitwise determinism, a non-default
+stream and CUDA graph replay. Tolerance: at most twice the reference backend's own error against float64
+(its float32 math plus one rounding to the storage dtype), plus 1e-5 of the output's magnitude.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_fast import ops
+from diffusion_fast.kernels.cuda import _ext
+from diffusion_fast.kernels.cuda import group_norm as cuda_gn
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, C, *spatial, G): SD1.5's first GroupNorm; odd HW (NCHW scalar path); C=30 (channels_last scalar path);
+# rank 3 and rank 5; C=1280 (channels_last with 160 vector columns); one group of all channels.
+SHAPES = [(1, 320, 64, 64, 32), (2, 64, 9, 7, 8), (1, 30, 8, 8, 5), (3, 12, 5, 4), (2, 16, 3, 4, 5, 4),
+          (1, 1280, 8, 8, 32), (2, 24, 6, 6, 1)]
+
+
+def gn64(x, G, weight=None, bias=None, eps=1e-5, activation=None, add=None):
+    N, C = x.shape[:2]
+    tail = (1,) * (x.dim() - 2)
+    h = x.double()
+    if add is not None:
+        h = h + add.double().view(N, C, *tail)
+    g = h.reshape(N, G, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = (g - mean).square().mean(-1, keepdim=True)
+    y = ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.double().view(1, C, *tail) + bias.double().view(1, C, *tail)
+    if activation == "silu":
+        y = y * torch.sigmoid(y)
+    return y
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return x.contiguous()
+    perm = (0, *range(2, x.dim()), 1)
+    inv = [perm.index(i) for i in range(x.dim())]
+    return x.permute(perm).contiguous().permute(inv)
+
+
+def assert_matches(out, ref_out, ref64, x, what):
+    assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == x.stride(), what
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was never written)"
+    err = (out.double() - ref64).abs()
+    ref_err = (ref_out.double() - ref64).abs().max().item()
+    tol = 2 * ref_err + 1e-5 * ref64.abs().max().item()
+    if err.max().item() > tol:
+        idx = err.flatten().argsort(descending=True)[:5]
+        raise AssertionError(f"{what}: max error {err.max().item():.3g} > {tol:.3g} (reference backend: "
+                             f"{ref_err:.3g}); worst (got, exact): "
+                             f"{[(out.flatten()[i].item(), ref64.flatten()[i].item()) for i in idx]}")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs start as NaN, so an element the kernel never writes fails the comparison."""
+    real = cuda_gn._empty_output
+
+    def nan_output(x):
+        out = real(x)
+        out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(cuda_gn, "_empty_output", nan_output)
+
+
+def make(shape, dtype, channels_last, *, seed, affine=True, with_add=True, param_dtype=None):
+    *xs, G = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    N, C = xs[0], xs[1]
+    # An offset and a scale per channel: the statistics must not rely on zero-mean, unit-scale data.
+    x = (torch.randn(xs, generator=g, device="cuda") * 2 + 3).to(dtype)
+    x = to_layout(x, channels_last)
+    pd = param_dtype or dtype
+    w = (torch.randn(C, generator=g, device="cuda") * 0.5 + 1).to(pd) if affine else None
+    b = torch.randn(C, generator=g, device="cuda").to(pd) if affine else None
+    add = torch.randn(N, C, generator=g, device="cuda").to(dtype) if with_add else None
+    return x, G, w, b, add
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", ["silu+add+affine", "plain"])
+def test_group_norm_cuda_matches_float64(dtype, shape, channels_last, variant, poison):
+    full = variant != "plain"
+    x, G, w, b, add = make(shape, dtype, channels_last, seed=sum(shape) * 10 + len(variant),
+                           affine=full, with_add=full)
+    act = "silu" if full else None
+    assert cuda_gn.supports(x, G, w, b, 1e-5, act, add) is None
+    out = ops.group_norm(x, G, w, b, 1e-5, act, add=add, backend="cuda")
+    ref = ops.group_norm(x, G, w, b, 1e-5, act, add=add, backend="torch")
+    assert_matches(out, ref, gn64(x, G, w, b, 1e-5, act, add), x, f"{shape} {dtype} cl={channels_last}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("sm_count", [1, 100000], ids=["fused", "split"])
+def test_group_norm_cuda_split_and_fused_grids(channels_last, sm_count, monkeypatch, poison):
+    monkeypatch.setattr(_ext, "sm_count", lambda t: sm_count)
+    x, G, w, b, add = make((2, 64, 33, 40, 8), torch.bfloat16, channels_last, seed=7)
+    N, C, HW = 2, 64, 33 * 40
+    splits = _ext.ext().group_norm_splits(N, C, HW, G, channels_last, 8, sm_count)
+    assert (splits == 1) == (sm_count == 1), splits
+    out = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda")
+    ref = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="torch")
+    assert_matches(out, ref, gn64(x, G, w, b, 1e-5, "silu", add), x, f"splits={splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_group_norm_cuda_float32_params_and_other_dtype_add(dtype, poison):
+    x, G, w, b, _ = make((2, 40, 12, 12, 8), dtype, True, seed=3, param_dtype=torch.float32)
+    add = torch.randn(2, 40, device="cuda", dtype=torch.float32)
+    out = ops.group_norm(x, G, w, b, 1e-6, "silu", add=add, backend="cuda")
+    ref = ops.group_norm(x, G, w, b, 1e-6, "silu", add=add, backend="torch")
+    assert_matches(out, ref, gn64(x, G, w, b, 1e-6, "silu", add), x, "fp32 params")
+
+
+def test_group_norm_cuda_strided_params_and_unaligned_x(poison):
+    # weight/bias/add read through strides; x one element past an aligned address (scalar path).
+    C = 48
+    w = torch.randn(2 * C, device="cuda")[::2]  # stride 2
+    b = torch.randn(C, 2, device="cuda")[:, 1]  # stride 2
+    add = torch.randn(C, 3, device="cuda").t()[0:3:2]  # [2, C] with strides (2, 3)
+    assert w.stride() == (2,) and b.stride() == (2,) and add.stride() == (2, 3)
+    buf = torch.randn(2 * C * 10 * 10 + 1, device="cuda", dtype=torch.float16)
+    x = buf[1:].view(2, C, 10, 10)
+    assert x.data_ptr() % 16 != 0
+    assert _ext.ext().group_norm_vec(x.data_ptr(), 0, 1, C, 100, False) == 1
+    out = ops.group_norm(x, 6, w, b, 1e-5, None, add=add, backend="cuda")
+    ref = ops.group_norm(x, 6, w, b, 1e-5, None, add=add, backend="torch")
+    assert_matches(out, ref, gn64(x, 6, w, b, 1e-5, None, add), x, "strided/unaligned")
+
+
+def test_group_norm_cuda_large_offsets_keep_precision():
+    # mean 1000, std 1e-2: E[x^2] - E[x]^2 in float32 would lose every digit.
+    x = (torch.randn(1, 64, 32, 32, device="cuda") * 1e-2 + 1000).contiguous()
+    out = ops.group_norm(x, 8, backend="cuda")
+    ref = ops.group_norm(x, 8, backend="torch")
+    assert_matches(out, ref, gn64(x, 8), x, "offset 1000")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_cuda_is_bitwise_deterministic(channels_last):
+    x, G, w, b, add = make((1, 320, 64, 64, 32), torch.bfloat16, channels_last, seed=11)
+    first = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda")
+    for _ in range(10):
+        assert torch.equal(ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda"), first)
+
+
+def test_group_norm_cuda_declines_what_it_cannot_take():
+    x = torch.randn(1, 4096, 2, 2, device="cuda")  # channels_last fp32 C=4096: 1024 vector columns
+    x_cl = to_layout(x, True)
+    reason = cuda_gn.supports(x_cl, 32)
+    assert reason is not None and "C=4096" in reason
+    with pytest.raises(ops.BackendUnavailable, match="C=4096"):
+        ops.group_norm(x_cl, 32, backend="cuda")
+    strided = torch.randn(2, 8, 6, 10, device="cuda")[..., ::2]
+    assert "contiguous or channels_last" in cuda_gn.supports(strided, 4)
+    # auto falls back to a backend that serves it.
+    assert_matches(ops.group_norm(x_cl, 32), ops.group_norm(x_cl, 32, backend="torch"), gn64(x_cl, 32),
+                   x_cl, "auto fallback")
+
+
+def test_group_norm_cuda_on_a_side_stream_and_in_a_cuda_graph():
+    x, G, w, b, add = make((2, 128, 16, 16, 32), torch.float16, True, seed=5)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out_s = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(out_s, ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda"))
+
+    static_x = x.clone()
+    ops.group_norm(static_x, G, w, b, 1e-5, "silu", add=add, backend="cuda")  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.group_norm(static_x, G, w, b, 1e-5, "silu", add=add, backend="cuda")
+    new_x = to_layout(torch.randn(x.shape, device="cuda") * 3 - 1, True).half()
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, ops.group_norm(new_x, G, w, b, 1e-5, "silu", add=add, backend="cuda"))
