@@ -32,7 +32,10 @@ import torch
 
 SCHEDULES = ("karras", "exponential", "polyexponential", "flow")
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+# What the network outputs, in the names diffusion_fast.sample(prediction=...) takes. diffusers calls the
+# flow velocity "flow_prediction"; configs may use either name.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+_CONFIG_PREDICTION_TYPES = PREDICTION_TYPES + ("flow_prediction",)
 
 # --------------------------------------------------------------------------------------------------------
 # Input checks
@@ -231,8 +234,9 @@ class Schedule:
             dtype: int64 for the classes whose diffusers timesteps are int64 (DDIM, DPMSolverMultistep,
             UniPCMultistep), float32 otherwise (diffusers' KDPM2 holds float64 with Karras / exponential
             sigmas; the float32 values here are those, rounded).
-        prediction_type: what the network outputs: "epsilon", "v_prediction", "sample" or
-            "flow_prediction" (the flow velocity ``noise - x0``).
+        prediction_type: what the network outputs, named as ``diffusion_fast.sample(prediction=...)``
+            names it: "epsilon", "v_prediction", "sample" or "flow" (the velocity ``noise - x0``;
+            diffusers' "flow_prediction").
         parametrization: "ve" (``x = x0 + sigma * noise``, network input ``x / sqrt(sigma^2 + 1)``) or
             "flow" (``x = (1 - sigma) * x0 + sigma * noise``).
         alphas_cumprod: ``[num_train_timesteps]`` float64 (diffusers' float32 values), None for flow models.
@@ -588,7 +592,8 @@ def from_diffusers_config(config: Mapping[str, Any], steps: int, *, class_name: 
     offset = config.get("steps_offset", 0) or 0
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
         raise ValueError(f"config['steps_offset'] must be an int >= 0, got {offset!r}")
-    prediction = _choice(config, "prediction_type", "epsilon", PREDICTION_TYPES, cls)
+    prediction = _choice(config, "prediction_type", "epsilon", _CONFIG_PREDICTION_TYPES, cls)
+    prediction = "flow" if prediction == "flow_prediction" else prediction
     final_type = "zero"
     if rules.final_sigmas_type:
         final_type = _choice(config, "final_sigmas_type", "zero", ("zero", "sigma_min"), cls)
@@ -736,5 +741,5 @@ def _flow_schedule(cfg: Mapping, n: int, t_train: int, cls: str, mu: float | Non
             sigmas = _spaced_sigmas(kind, n, lo, hi)
     timesteps = torch.from_numpy(np.asarray(sigmas, dtype=np.float32)) * t_train
     return Schedule(sigmas=_append_zero(torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float64))),
-                    timesteps=timesteps, prediction_type="flow_prediction", parametrization="flow",
+                    timesteps=timesteps, prediction_type="flow", parametrization="flow",
                     alphas_cumprod=None, num_train_timesteps=t_train, timestep_type="flow", class_name=cls)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusion_fast import samplers as df_samplers
 from diffusion_fast import schedules
 
 diffusers.utils.logging.set_verbosity_error()
@@ -401,12 +402,13 @@ def test_schedule_fields():
     assert ddim.timesteps.tolist() == list(range(901, 0, -100))  # DDIM's default spacing is "leading"
 
     flow = schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 28)
-    assert flow.parametrization == "flow" and flow.prediction_type == "flow_prediction"
+    assert flow.parametrization == "flow" and flow.prediction_type == "flow"
     assert flow.alphas_cumprod is None and flow.timestep_type == "flow"
     assert flow.sigmas[0].item() == pytest.approx(1.0) and flow.sigmas[-1].item() == 0.0
     wan = schedules.from_diffusers_config({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
                                            "flow_shift": 3.0, "prediction_type": "flow_prediction"}, 30)
-    assert wan.parametrization == "flow" and wan.prediction_type == "flow_prediction"
+    assert wan.parametrization == "flow" and wan.prediction_type == "flow"  # diffusers' "flow_prediction"
+    assert set(schedules.PREDICTION_TYPES) <= set(df_samplers.PREDICTIONS)  # names sample() accepts
 
 
 # ----------------------------------------------------------------------------------------------------
