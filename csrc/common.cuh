@@ -21,8 +21,13 @@ inline std::string cuda_error_text(cudaError_t e) {
   return std::string(cudaGetErrorString(e)) + " (" + cudaGetErrorName(e) + ")";
 }
 
+// Throw on a failed runtime call. The error is also cleared from the runtime's last-error slot, so that the
+// launch check of a later, successful launch does not report it again.
 inline void throw_if(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw KernelError(std::string(what) + ": " + cuda_error_text(e));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw KernelError(std::string(what) + ": " + cuda_error_text(e));
+  }
 }
 
 // Check the launch that was just issued. Launch-time errors (bad configuration, no kernel image, too much
