@@ -253,6 +253,14 @@ __device__ __forceinline__ void pv_tile(float (&o)[C::MT][C::NTD][4], const floa
   }
 }
 
+// 2^x on the special-function unit, denormal results flushed to zero (they are below anything a softmax
+// weight can contribute); exp2f would add range-fixing instructions around the same MUFU.EX2.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -276,7 +284,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[C::MT][C::NTN][4], float
       for (int nt = 0; nt < C::NTN; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
       mx = quad_max(mx);
       if constexpr (!C::SHORT) {
-        const float alpha = exp2f(m[mt][r] - mx);  // m = -inf on the first tile: alpha = 0
+        const float alpha = fast_exp2(m[mt][r] - mx);  // m = -inf on the first tile: alpha = 0
         l[mt][r] *= alpha;
 #pragma unroll
         for (int dt = 0; dt < C::NTD; ++dt) {
@@ -288,7 +296,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[C::MT][C::NTN][4], float
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < C::NTN; ++nt) {
-        const float p0 = exp2f(s[mt][nt][2 * r] - mx), p1 = exp2f(s[mt][nt][2 * r + 1] - mx);
+        const float p0 = fast_exp2(s[mt][nt][2 * r] - mx), p1 = fast_exp2(s[mt][nt][2 * r + 1] - mx);
         s[mt][nt][2 * r] = p0;
         s[mt][nt][2 * r + 1] = p1;
         sum += p0 + p1;
