@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# All GPU work of the project in one call (about 8 minutes at most on an H100/H200):
+#   1. card, driver, Python, torch, triton, nvcc versions and the commit;
+#   2. build the CUDA extension for sm_90a only;
+#   3. GPU tests: every Triton and CUDA kernel against the reference, CUDA graphs, the loop on the device;
+#   4. op benchmarks (sd15, sdxl, large) and the SD1.5-shaped end-to-end run, against the card's measured
+#      copy bandwidth and bf16 matmul rate and the baselines, in the same run;
+#   5. compute-sanitizer memcheck and racecheck on one small call of each CUDA kernel;
+#   6. logs and JSON under $OUT, a short summary printed last.
+# Usage: GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh      (OUT defaults to ./gpu_check_out)
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
+
+stamp "versions"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+  nvcc --version | tail -2
+  echo "commit ${GIT_COMMIT:-unknown}"
+} > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
+
+stamp "build (sm_90a)"
+DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "${BUILD_TIMEOUT:-200}" \
+  "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+BUILD_RC=$?
+stamp "build rc=$BUILD_RC"
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/build.log"
+from diffusion_fast.ops import registry
+for op in ("group_norm", "attention", "sampler_step"):
+    print(op, {k: (v or "ok") for k, v in registry.status(op).items()})
+EOF
+
+stamp "GPU tests"
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q -x --no-header -p no:cacheprovider -m "gpu" \
+  tests/test_group_norm_triton.py tests/test_attention_triton.py tests/test_sampler_step_triton.py \
+  tests/test_group_norm_cuda.py tests/test_sampler_step_cuda.py tests/test_attention_cuda.py \
+  tests/test_graph.py tests/test_gpu_loop.py > "$OUT/gpu_tests.log" 2>&1
+TEST_RC=$?
+stamp "GPU tests rc=$TEST_RC"
+
+stamp "benchmarks"
+timeout "${BENCH_TIMEOUT:-230}" "$PY" -m diffusion_fast.bench all --device cuda --dtype bf16 \
+  --sets sd15,sdxl,large --steps 25 --compile-budget 20 --no-progress --json "$OUT/bench.json" \
+  > "$OUT/bench.log" 2>&1
+BENCH_RC=$?
+stamp "benchmarks rc=$BENCH_RC"
+
+stamp "compute-sanitizer"
+for tool in memcheck racecheck; do
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool "$tool" \
+    --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py > "$OUT/$tool.log" 2>&1
+  echo "$tool rc=$?" >> "$OUT/sanitizer_rc.txt"
+done
+stamp "done"
+
+echo "=================================== summary ==================================="
+head -3 "$OUT/versions.txt"; grep -E "^(torch|triton|device|commit)" "$OUT/versions.txt"
+echo "build rc=$BUILD_RC"; grep -E "^(group_norm|attention|sampler_step) " "$OUT/build.log"
+echo "--- GPU tests (rc=$TEST_RC)"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -8
+echo "--- sanitizers"; cat "$OUT/sanitizer_rc.txt"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log
+echo "--- benchmarks (rc=$BENCH_RC)"; tail -60 "$OUT/bench.log"
