@@ -173,52 +173,89 @@ def split_head_dim(D: int) -> tuple[int, int]:
 
 
 def key_tiles(Sk: int, block_n: int) -> tuple[int, int, int, bool]:
-    """``(BLOCK_N, BLOCK_TAIL, n_full, SHORT)`` for Sk keys: unmasked tiles up to n_full, then a masked tail."""
-    if Sk <= SHORT_SK:
+    """``(BLOCK_N, BLOCK_TAIL, n_full, SHORT)``: unmasked key tiles up to ``n_full``, then one masked tail.
+
+    ``block_n == 0`` selects the loop-free short path (for Sk <= 128): one unmasked tile of
+    ``prev_pow2(Sk)`` keys and a tail of ``next_pow2`` of the rest, or a single padded tile when that is
+    no larger.
+    """
+    if block_n == 0:
+        if Sk > SHORT_SK:
+            raise ValueError(f"the loop-free path serves Sk <= {SHORT_SK}, got Sk={Sk}")
         main = prev_pow2(Sk)
-        if main < 16:
-            return 0, 16, 0, True
         rem = Sk - main
         tail = max(16, next_pow2(rem)) if rem else 0
-        if tail and main + tail >= next_pow2(Sk):  # one padded tile is no worse than two
-            return 0, next_pow2(Sk), 0, True
+        if main < 16 or (tail and main + tail >= next_pow2(Sk)):  # one padded tile is no worse than two
+            return 0, max(16, next_pow2(Sk)), 0, True
         return main, tail, main, True
     rem = Sk % block_n
-    n_full = Sk - rem
     tail = max(16, next_pow2(rem)) if rem else 0
-    return block_n, tail, n_full, False
+    return block_n, tail, Sk - rem, False
 
 
-# Candidates per (dtype class, effective head dim, path); the first is the default when nothing is timed.
-# Registers bound them: the fp32 accumulator of BLOCK_M x D_eff is spread over 32 * num_warps threads.
-_LOWP_LONG = {
-    64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3)],
-    128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)],
-    256: [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(64, 32, 4, 3), Config(128, 32, 8, 2)],
+# Candidate configurations per target family, path and effective head dim (D_A + D_B rounded up to 64, 128,
+# 192 or 256). The first of each list is the default when nothing is timed. Every entry compiles without
+# register spills and within the shared memory of its target (tests/test_triton_aot.py checks all of them):
+# the fp32 accumulator of BLOCK_M x D_eff plus the query tile held as an MMA operand bound BLOCK_M and the
+# warp count, and Ampere's mma.sync layouts need more registers per thread than Hopper's wgmma.
+_C = Config
+_LOWP = {
+    90: {
+        "long": {
+            64: [_C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3)],
+            128: [_C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 4, 3)],
+            192: [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 8, 2), _C(64, 32, 4, 3)],
+            256: [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 8, 2), _C(64, 32, 4, 3)],
+        },
+        "short": {
+            64: [_C(128, 0, 8, 1), _C(64, 0, 4, 1), _C(128, 0, 4, 1), _C(64, 0, 8, 1)],
+            128: [_C(128, 0, 8, 1), _C(64, 0, 4, 1), _C(64, 0, 8, 1)],
+            192: [_C(128, 0, 8, 1), _C(64, 0, 4, 1), _C(64, 0, 8, 1)],
+            256: [_C(128, 0, 8, 1), _C(64, 0, 4, 1), _C(64, 0, 8, 1)],
+        },
+    },
+    80: {
+        "long": {
+            64: [_C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3)],
+            128: [_C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 64, 8, 3), _C(64, 32, 8, 3)],
+            192: [_C(128, 32, 8, 3), _C(64, 32, 4, 3), _C(64, 32, 8, 2)],
+            256: [_C(32, 32, 4, 2), _C(32, 16, 4, 2)],
+        },
+        "short": {
+            64: [_C(128, 0, 8, 1), _C(64, 0, 4, 1), _C(64, 0, 8, 1)],
+            128: [_C(64, 0, 8, 1), _C(32, 0, 4, 1)],
+            192: [_C(64, 0, 8, 1)],
+            256: [_C(32, 0, 4, 1)],
+        },
+    },
 }
-_LOWP_SHORT = [Config(128, 0, 8, 1), Config(64, 0, 4, 1), Config(128, 0, 4, 1)]
-_F32_LONG = {
-    64: [Config(64, 64, 4, 2), Config(64, 32, 4, 2)],
-    128: [Config(64, 32, 4, 2), Config(32, 64, 4, 2)],
-    256: [Config(32, 32, 4, 2), Config(64, 32, 8, 2)],
-}
-_F32_SHORT = [Config(64, 0, 4, 1), Config(32, 0, 4, 1)]
+# float32 takes the FMA path of tl.dot (exact fp32 products): its operand layouts cost far more registers,
+# and no tile of D_eff > 64 compiles without spills, so larger fp32 head dims are left to the other
+# backends on a GPU. Key tiles of 32 (no loop-free path) for every Sk.
+_F32_MAX_D_EFF = 64
+_F32 = [_C(64, 32, 8, 2), _C(32, 32, 4, 2)]
 # The interpreter runs one fixed, smallish configuration (speed there is meaningless).
 _INTERPRET_CONFIG = Config(64, 64, 4, 1)
+_INTERPRET_SHORT_CONFIG = Config(64, 0, 4, 1)
 
 
 def _d_class(D: int) -> int:
     da, db = split_head_dim(D)
     d_eff = da + db
-    return 64 if d_eff <= 64 else 128 if d_eff <= 128 else 256
+    return next(c for c in (64, 128, 192, 256) if d_eff <= c)
 
 
-def candidate_configs(D: int, dtype: torch.dtype, Sk: int) -> list[Config]:
-    """Every configuration the autotuner may pick for this head dim, dtype and key count."""
-    short = Sk <= SHORT_SK
+def target_family(arch: int) -> int:
+    """90 for Hopper and newer (wgmma), 80 for Ampere / Ada (mma.sync)."""
+    return 90 if arch >= 90 else 80
+
+
+def candidate_configs(D: int, dtype: torch.dtype, Sk: int, arch: int) -> list[Config]:
+    """Every configuration the autotuner may pick for this head dim, dtype, key count and compute capability
+    (``arch`` = 10 * major + minor, e.g. 90 for H100)."""
     if dtype == torch.float32:
-        return list(_F32_SHORT if short else _F32_LONG[_d_class(D)])
-    return list(_LOWP_SHORT if short else _LOWP_LONG[_d_class(D)])
+        return list(_F32) if _d_class(D) <= _F32_MAX_D_EFF else []
+    return list(_LOWP[target_family(arch)]["short" if Sk <= SHORT_SK else "long"][_d_class(D)])
 
 
 _TUNER: _autotune.Autotuner[Config] = _autotune.Autotuner("attention")
@@ -244,6 +281,10 @@ def supports(q, k, v, scale) -> str | None:
                     "views whose last dim is contiguous (stride 1)")
     if INTERPRET and q.dtype == torch.bfloat16:
         return "bfloat16 tl.dot is not computed correctly by the Triton interpreter; run bf16 on a GPU"
+    D = q.shape[-1]
+    if not INTERPRET and q.dtype == torch.float32 and _d_class(D) > _F32_MAX_D_EFF:
+        return (f"float32 with head dim D={D}: every Triton tile spills registers beyond D={_F32_MAX_D_EFF} "
+                "in fp32; use float16/bfloat16 or another backend")
     return None
 
 
@@ -269,9 +310,13 @@ def forward(q, k, v, scale):
     Sk = k.shape[1]
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     if INTERPRET:
-        cfg = _INTERPRET_CONFIG
+        short = Sk <= SHORT_SK and q.dtype != torch.float32
+        cfg = _INTERPRET_SHORT_CONFIG if short else _INTERPRET_CONFIG
     else:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        arch = 10 * major + minor
         key = (q.device.index, _bucket(Sq), Sk if Sk <= SHORT_SK else _bucket(Sk), D, q.dtype)
-        cfg = _TUNER.choose(key, candidate_configs(D, q.dtype, Sk), lambda c: launch(q, k, v, scale, out, c))
+        cands = candidate_configs(D, q.dtype, Sk, arch)
+        cfg = _TUNER.choose(key, cands, lambda c: launch(q, k, v, scale, out, c))
     launch(q, k, v, scale, out, cfg)
     return out

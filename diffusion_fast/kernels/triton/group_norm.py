@@ -32,7 +32,8 @@ from ._common import available as _available
 
 # Elements per [BLOCK_C, BLOCK_S] tile: 4096 keeps 16 values per thread at 8 warps in flight on a GPU. The
 # interpreter uses small tiles so that tiny test shapes still take several tiles and several chunks.
-_TILE = 256 if INTERPRET else 4096
+_COMPILED_TILE = 4096
+_TILE = 256 if INTERPRET else _COMPILED_TILE
 _NUM_WARPS = 8
 # Programs per multiprocessor the split aims for (memory-bound: a few resident programs hide latency).
 _PROGRAMS_PER_SM = 4
@@ -228,17 +229,26 @@ def forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, ad
     return _forward(x, num_groups, weight, bias, eps, activation, add)
 
 
-def _forward(x, num_groups, weight, bias, eps, activation, add, *, target_programs: int | None = None):
+def _forward(x, num_groups, weight, bias, eps, activation, add, *, target_programs: int | None = None,
+             out: torch.Tensor | None = None):
+    """``forward`` with the planner's target program count and the output buffer exposed (for tests).
+
+    ``out``, when given, must be laid out like x (same layout as ``_channels_last(x)`` says).
+    """
     N, C = x.shape[0], x.shape[1]
     S = x.numel() // (N * C)
     G = num_groups
     CG = C // G
     cl = _channels_last(x)
-    # Dense strides of the chosen layout (x's own strides may be arbitrary on size-1 dims).
-    perm = (0, *range(2, x.dim()), 1) if cl else tuple(range(x.dim()))
-    dense = torch.empty([x.shape[p] for p in perm], dtype=x.dtype, device=x.device)
-    inv = [perm.index(d) for d in range(x.dim())]
-    y = dense.permute(inv)
+    if out is None:
+        # Dense strides of x's layout (x's own strides may be arbitrary on size-1 dims).
+        perm = (0, *range(2, x.dim()), 1) if cl else tuple(range(x.dim()))
+        dense = torch.empty([x.shape[p] for p in perm], dtype=x.dtype, device=x.device)
+        y = dense.permute([perm.index(d) for d in range(x.dim())])
+    else:
+        if out.shape != x.shape or out.dtype != x.dtype or _channels_last(out) is not cl:
+            raise ValueError("out must have x's shape, dtype and layout")
+        y = out
     if target_programs is None:
         target_programs = _PROGRAMS_PER_SM * sm_count(x.device)
     p = plan(N, G, CG, S, target_programs=target_programs)
