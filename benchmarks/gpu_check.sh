@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, whether or not pip installs it
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
 stamp() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
@@ -30,6 +31,11 @@ stamp "build (sm_90a)"
 DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "${BUILD_TIMEOUT:-200}" \
   "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 BUILD_RC=$?
+if [ "$BUILD_RC" -ne 0 ]; then  # e.g. a pip without editable-install support: build in place instead
+  DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "${BUILD_TIMEOUT:-200}" \
+    "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+  BUILD_RC=$?
+fi
 stamp "build rc=$BUILD_RC"
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/build.log"
 from diffusion_fast.ops import registry
@@ -61,9 +67,9 @@ done
 stamp "done"
 
 echo "=================================== summary ==================================="
-head -3 "$OUT/versions.txt"; grep -E "^(torch|triton|device|commit)" "$OUT/versions.txt"
+cat "$OUT/versions.txt"
 echo "build rc=$BUILD_RC"; grep -E "^(group_norm|attention|sampler_step) " "$OUT/build.log"
-echo "--- GPU tests (rc=$TEST_RC)"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
+echo "--- GPU tests (rc=$TEST_RC)"; grep -E "passed|failed|skipped|error" "$OUT/gpu_tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -8
 echo "--- sanitizers"; cat "$OUT/sanitizer_rc.txt"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log
 echo "--- benchmarks (rc=$BENCH_RC)"; tail -60 "$OUT/bench.log"
