@@ -50,18 +50,28 @@ def _sampler_step_kernel(
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    # The row's scalars first (uniform loads, one cache line), then the streams.
+    c_g = tl.load(coef_ptr + I_G)
+    c_p = tl.load(coef_ptr + I_P)
+    c_q = tl.load(coef_ptr + I_Q)
+    c_ax = tl.load(coef_ptr + I_AX)
+    c_ad = tl.load(coef_ptr + I_AD)
+    c_az = tl.load(coef_ptr + I_AZ)
+    c_bx = tl.load(coef_ptr + I_BX)
+    c_bd = tl.load(coef_ptr + I_BD)
+    c_in = tl.load(coef_ptr + I_CIN)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     raw = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
         cond = tl.load(mo_ptr + n + offs, mask=mask, other=0.0).to(tl.float32)
-        raw = raw + tl.load(coef_ptr + I_G) * (cond - raw)
-    d = tl.load(coef_ptr + I_P) * x + tl.load(coef_ptr + I_Q) * raw
-    x_new = tl.load(coef_ptr + I_AX) * x + tl.load(coef_ptr + I_AD) * d
+        raw = raw + c_g * (cond - raw)
+    d = c_p * x + c_q * raw
+    x_new = c_ax * x + c_ad * d
     if HAS_NOISE:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x_new = x_new + tl.load(coef_ptr + I_AZ) * z
+        x_new = x_new + c_az * z
     if K > 0:
-        y = tl.load(coef_ptr + I_BX) * x + tl.load(coef_ptr + I_BD) * d
+        y = c_bx * x + c_bd * d
         for k in tl.static_range(K):
             h = tl.load(hist_ptr + k * n + offs, mask=mask, other=0.0)
             x_new = x_new + tl.load(coef_ptr + I_AH + k) * h
@@ -76,7 +86,7 @@ def _sampler_step_kernel(
         tl.store(hist_ptr + tl.where(ok_d, slot_d, 0) * n + offs, d, mask=mask & ok_d)
     tl.store(out_ptr + offs, x_new, mask=mask)
     if HAS_NET:
-        v = (tl.load(coef_ptr + I_CIN) * x_new).to(net_ptr.dtype.element_ty)
+        v = (c_in * x_new).to(net_ptr.dtype.element_ty)
         tl.store(net_ptr + offs, v, mask=mask)
         if NET_CFG:
             tl.store(net_ptr + n + offs, v, mask=mask)
@@ -88,9 +98,10 @@ class Config:
     num_warps: int
 
 
-# 16 fp32 per thread: four 16-byte loads in flight per stream. Small states (SD latents are 16K-64K elements)
-# take the smaller block so that more programs share the work; at those sizes the launch dominates anyway.
-SMALL = Config(1024, 4)
+# Large states: 16 fp32 per thread, four 16-byte loads in flight per stream. Small states (SD latents are
+# 16K-64K elements): 4 per thread, so more programs share the work (the launch dominates at those sizes);
+# 8 per thread made ptxas spill 8 bytes in a few sm_80 variants at 48 registers.
+SMALL = Config(1024, 8)
 LARGE = Config(4096, 8)
 _LARGE_FROM = 1 << 20
 _INTERPRET_CONFIG = Config(256, 4)
