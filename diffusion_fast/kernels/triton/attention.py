@@ -13,7 +13,8 @@ next power of two would give 62.5%.
 
 Keys: full ``BLOCK_N`` tiles without masks, then one masked tail tile of ``next_pow2(Sk % BLOCK_N)`` (at least
 16) columns. Short Sk (<= 128, text tokens): no loop at all — one unmasked tile of ``prev_pow2(Sk)`` and a
-tail (77 = 64 + 16: 80 key columns computed instead of 128).
+tail (77 = 64 + 16: 80 key columns computed instead of 128) — wherever that tile fits the registers (see the
+configuration lists). float32 uses exact fp32 dots (no TF32) and is served on a GPU for ``D_A + D_B <= 64``.
 
 FLOPs: ``4 * B * H * Sq * Sk * D`` (two matmuls); bytes at least ``(2 * B * Sq + 2 * B * Sk) * H * D * itemsize``.
 """
