@@ -270,3 +270,12 @@ def test_gpu_auto_picks_triton():
     q = rand((1, 64, 2, 40), torch.float16, "cuda", 0)
     call = dict(q=q, k=q, v=q, scale=0.1)
     assert registry.resolve("attention", "auto", q.device, call) is ta.forward
+
+
+def test_views_spanning_more_than_int32_are_declined():
+    # A q slice of a huge fused projection (meta tensor: no memory): 2**30 elements of its own, but offsets
+    # reaching 3 * 2**30 through its strides.
+    q = torch.empty((1, 2**21, 3, 8, 64), dtype=torch.float16, device="meta")[:, :, 0]
+    assert q.numel() < 2**31
+    assert "int32" in _common.numel_reason(q=q)
+    assert _common.numel_reason(q=q[:, : 2**18]) is None

@@ -51,9 +51,14 @@ def device_reason(*tensors: torch.Tensor | None) -> str | None:
 
 
 def numel_reason(**tensors: torch.Tensor | None) -> str | None:
+    """None when every element offset of every tensor fits in int32 (strided views: the span they reach)."""
     for name, t in tensors.items():
-        if t is not None and t.numel() > MAX_NUMEL:
-            return f"{name} has {t.numel()} elements; the Triton kernels index with int32 (at most {MAX_NUMEL})"
+        if t is None or t.numel() == 0:
+            continue
+        span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        if max(span, t.numel()) > MAX_NUMEL:
+            return (f"{name} spans {max(span, t.numel())} elements; the Triton kernels index with int32 "
+                    f"(at most {MAX_NUMEL})")
     return None
 
 
