@@ -61,5 +61,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scale = check_finite_float("scale", scale)
+    if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py)
+        from .library import attention as traced
+
+        return traced(q, k, v, scale, backend=backend)
     call = dict(q=q, k=k, v=v, scale=scale)
     return registry.resolve("attention", backend, device, call)(**call)

@@ -75,5 +75,9 @@ def group_norm(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     device = check_same_device(x=x, weight=weight, bias=bias, add=add)
+    if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py) so torch.compile keeps it whole
+        from .library import group_norm as traced
+
+        return traced(x, num_groups, weight, bias, eps, activation, add=add, backend=backend)
     call = dict(x=x, num_groups=num_groups, weight=weight, bias=bias, eps=eps, activation=activation, add=add)
     return registry.resolve("group_norm", backend, device, call)(**call)

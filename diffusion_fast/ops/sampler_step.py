@@ -122,6 +122,10 @@ def sampler_step(
                              f"{S}, got {tuple(net_input.shape)}")
     device = check_same_device(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist,
                                noise=noise, out=out, net_input=net_input)
+    if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py), mutating hist/out/net_input
+        from .library import sampler_step as traced
+
+        return traced(x, model_output, coef, slots, hist, noise, out=out, net_input=net_input, backend=backend)
     call = dict(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist, noise=noise, out=out,
                 net_input=net_input)
     return registry.resolve("sampler_step", backend, device, call)(**call)
