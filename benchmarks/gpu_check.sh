@@ -43,8 +43,12 @@ for op in ("group_norm", "attention", "sampler_step"):
     print(op, {k: (v or "ok") for k, v in registry.status(op).items()})
 EOF
 
+stamp "host overhead per call"
+timeout 90 "$PY" benchmarks/host_overhead.py > "$OUT/host_overhead.txt" 2>&1
+echo "host_overhead rc=$?" >> "$OUT/host_overhead.txt"
+
 stamp "GPU tests"
-timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q -x --no-header -p no:cacheprovider -m "gpu" \
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q --no-header -rf -p no:cacheprovider -m "gpu" \
   tests/test_group_norm_triton.py tests/test_attention_triton.py tests/test_sampler_step_triton.py \
   tests/test_group_norm_cuda.py tests/test_sampler_step_cuda.py tests/test_attention_cuda.py \
   tests/test_graph.py tests/test_gpu_loop.py > "$OUT/gpu_tests.log" 2>&1
@@ -62,14 +66,15 @@ stamp "compute-sanitizer"
 for tool in memcheck racecheck; do
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool "$tool" \
     --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py > "$OUT/$tool.log" 2>&1
-  echo "$tool rc=$?" >> "$OUT/sanitizer_rc.txt"
+  echo "$tool rc=$?" >> "$OUT/versions.txt"
 done
 stamp "done"
 
 echo "=================================== summary ==================================="
-cat "$OUT/versions.txt"
+grep -vE "^(memcheck|racecheck) rc" "$OUT/versions.txt"
 echo "build rc=$BUILD_RC"; grep -E "^(group_norm|attention|sampler_step) " "$OUT/build.log"
 echo "--- GPU tests (rc=$TEST_RC)"; grep -E "passed|failed|skipped|error" "$OUT/gpu_tests.log" | tail -3
-grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -8
-echo "--- sanitizers"; cat "$OUT/sanitizer_rc.txt"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -12; grep -E "^E .*(Sq=|NaN|mismatch|differ)" "$OUT/gpu_tests.log" | head -30
+echo "--- host overhead"; head -12 "$OUT/host_overhead.txt"
+echo "--- sanitizers"; grep -E "^(memcheck|racecheck) rc" "$OUT/versions.txt"; grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log
 echo "--- benchmarks (rc=$BENCH_RC)"; tail -60 "$OUT/bench.log"

@@ -217,12 +217,18 @@ def test_gpu_every_candidate_config():
     # Every configuration the autotuner may pick on this card, for one shape per head-dim class.
     major, minor = torch.cuda.get_device_capability()
     arch = 10 * major + minor
-    for D, Sk in ((40, 333), (80, 77), (160, 300), (256, 77)):
+    failures = []
+    for D, Sq, Sk in ((40, 200, 333), (40, 4096, 4096), (80, 200, 77), (80, 1024, 1024), (160, 200, 300),
+                      (256, 200, 77), (64, 1024, 1024)):
         for dtype in (torch.bfloat16, torch.float32):
             for cfg in ta.candidate_configs(D, dtype, Sk, arch):
-                q, k, v = rand((2, 200, 2, D), dtype, "cuda", 4), rand((2, Sk, 2, D), dtype, "cuda", 5), \
+                q, k, v = rand((2, Sq, 2, D), dtype, "cuda", 4), rand((2, Sk, 2, D), dtype, "cuda", 5), \
                     rand((2, Sk, 2, D), dtype, "cuda", 6)
-                assert_close(run_poisoned(q, k, v, D**-0.5, cfg), q, k, v, D**-0.5, f"D={D} {dtype} {cfg}")
+                try:
+                    assert_close(run_poisoned(q, k, v, D**-0.5, cfg), q, k, v, D**-0.5, f"D={D} {dtype} {cfg}")
+                except AssertionError as exc:  # collect all, so one run names every failing configuration
+                    failures.append(f"Sq={Sq} Sk={Sk}: {str(exc).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu

@@ -27,6 +27,16 @@ class DeviceTables:
         self.sigma = torch.as_tensor(plan.sigma_eval, dtype=torch.float32).to(device)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are the same device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def _sigmas_to_host(sigmas) -> np.ndarray:
     if isinstance(sigmas, torch.Tensor):
         # One copy before the loop starts; the loop itself never reads device values.
@@ -169,7 +179,7 @@ def sample(
     s = _sigmas_to_host(sigmas)
     if parametrization == "flow" and s[0] > 1.0:
         raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
-    if generator is not None and generator.device != x.device:
+    if generator is not None and not _same_device(generator.device, x.device):
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
     tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
                       need_denoised=callback is not None)

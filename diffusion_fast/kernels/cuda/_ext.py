@@ -82,7 +82,8 @@ def device_reason(**tensors: torch.Tensor | None) -> str | None:
             continue
         if t.device.type != "cuda":
             return f"{name} is on {t.device}; the cuda backend needs CUDA tensors"
-        first = first or t
+        if first is None:
+            first = t
     if first is not None:
         return _probe(device_index(first))
     return None
