@@ -244,8 +244,9 @@ def cmd_info() -> int:
         for name, reason in registry.status(op).items():
             print(f"  {op:<13} {name:<7} {'usable' if reason is None else reason}")
         for dev in devices:
-            order = registry.auto_order(op, dev)
-            print(f"  {op:<13} auto on {dev}: tries {', '.join(order)} (then torch)")
+            order = [b for b in registry.auto_order(op, dev) if b != "torch"]
+            tries = f"tries {', '.join(order)}, then torch" if order else "torch"
+            print(f"  {op:<13} auto on {dev}: {tries}")
     return 0
 
 
