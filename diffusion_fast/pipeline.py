@@ -115,6 +115,9 @@ class Pipeline:
             raise ValueError(f"config prediction must be one of {PREDICTIONS}, got {config.get('prediction')!r}")
         self.config = config
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # A generator made for "cuda" reports "cuda:<current>"; name the index so they compare equal.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = torch.float32 if dtype is None else dtype
         self.backend = backend
         self.cuda_graph = bool(cuda_graph)
