@@ -389,6 +389,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   }
 
   // Epilogue: normalise, stage through this warp's rows of sQ, 16-byte stores of the valid rows.
+  // The warp read these rows with ldmatrix above; order those reads before the staging writes of other lanes.
+  __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < C::MT; ++mt)
 #pragma unroll

@@ -61,9 +61,10 @@ def test_split_head_dim_covers_every_head_dim_with_less_padding():
         da, db = ta.split_head_dim(D)
         for part in (da, db):
             assert part == 0 or (part >= 16 and part & (part - 1) == 0)
+        assert db == 0 or db >= ta.MIN_SPLIT
         assert da + db >= D and da + db <= max(16, 1 << (D - 1).bit_length())
-    assert ta.split_head_dim(40) == (32, 16)
-    assert ta.split_head_dim(80) == (64, 16)
+    assert ta.split_head_dim(40) == (64, 0)
+    assert ta.split_head_dim(80) == (64, 32)
     assert ta.split_head_dim(160) == (128, 32)
     assert ta.split_head_dim(64) == (64, 0)
 

@@ -187,3 +187,16 @@ def test_registry_env_override_and_unknown_op(monkeypatch):
         registry.status("conv")
     with pytest.raises(ValueError, match="order"):
         registry.set_auto_order("group_norm", "cuda", ("fast",))
+
+
+def test_auto_rules_on_cuda_follow_the_measured_crossovers():
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731 - shapes only
+    order = registry.auto_order
+    assert order("group_norm", "cuda", {"x": meta(2, 320, 64, 64)})[0] == "cuda"
+    assert order("group_norm", "cuda", {"x": meta(8, 512, 128, 128)})[0] == "triton"
+    assert order("attention", "cuda", {"q": meta(2, 4096, 8, 40), "k": meta(2, 77, 8, 40)})[0] == "cuda"
+    assert order("attention", "cuda", {"q": meta(2, 4096, 8, 40), "k": meta(2, 4096, 8, 40)})[0] == "cuda"
+    assert order("attention", "cuda", {"q": meta(2, 4096, 10, 64), "k": meta(2, 4096, 10, 64)})[0] == "triton"
+    assert order("sampler_step", "cuda", {"x": meta(1, 4, 64, 64)})[0] == "cuda"
+    assert order("sampler_step", "cuda", {"x": meta(4, 16, 1024, 1024)})[0] == "triton"
+    assert order("group_norm", "cpu", {"x": meta(2, 320, 64, 64)}) == ("torch",)

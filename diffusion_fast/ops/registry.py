@@ -62,12 +62,38 @@ class _Entry:
 
 _REGISTRY: dict[str, dict[str, _Entry]] = {}
 
-# Preference order of ``auto`` per op and device type. CUDA orders come from measured data (see
-# benchmarks/results/); they are overridable with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.
-_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "group_norm": {"cuda": ("triton", "cuda", "torch")},
-    "attention": {"cuda": ("triton", "cuda", "torch")},
-    "sampler_step": {"cuda": ("triton", "cuda", "torch")},
+# Preference order of ``auto`` per op and device type: a fixed order, or a rule that looks at the call's
+# shapes. The CUDA rules come from measured data (benchmarks/results/2026-11-26-h200.json, H200, bf16): the
+# CUDA kernels win where a call is short (launch cost dominates: the pybind11 launch is cheaper than a Triton
+# launch) and the Triton kernels win on large, bandwidth- or matmul-bound calls. Every rule is overridable
+# with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.
+_FAST_SMALL = ("cuda", "triton", "torch")
+_FAST_LARGE = ("triton", "cuda", "torch")
+
+
+def _group_norm_rule(call: dict[str, Any]) -> tuple[str, ...]:
+    # [2,320,128,128] (10.5M): cuda 35 us, triton 90 us; [8,512,128,128] (67M): triton 120 us, cuda 193 us.
+    return _FAST_SMALL if call["x"].numel() < (1 << 24) else _FAST_LARGE
+
+
+def _attention_rule(call: dict[str, Any]) -> tuple[str, ...]:
+    # cuda: cross-attention (77 keys) and S <= 1024 at every head dim, and D=40 at S=4096 (269 vs 323 us);
+    # triton: power-of-two head dims on long sequences (S=4096, D=64: 218 vs 445 us; D=128: 607 vs 1220 us).
+    q, k = call["q"], call["k"]
+    Sq, Sk, D = q.shape[1], k.shape[1], q.shape[3]
+    pow2 = D & (D - 1) == 0
+    return _FAST_SMALL if Sk <= 128 or Sq * Sk <= (1 << 21) or not pow2 else _FAST_LARGE
+
+
+def _sampler_step_rule(call: dict[str, Any]) -> tuple[str, ...]:
+    # [1,4,64,64]: cuda 27 us, triton 51 us; 64M elements: triton 397 us, cuda 506 us.
+    return _FAST_SMALL if call["x"].numel() < (1 << 22) else _FAST_LARGE
+
+
+_AUTO_ORDER: dict[str, dict[str, tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]]] = {
+    "group_norm": {"cuda": _group_norm_rule},
+    "attention": {"cuda": _attention_rule},
+    "sampler_step": {"cuda": _sampler_step_rule},
 }
 
 
@@ -86,11 +112,15 @@ def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
     _AUTO_ORDER.setdefault(op, {})[device_type] = tuple(order)
 
 
-def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+def auto_order(op: str, device_type: str, call: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The order ``auto`` tries backends of ``op`` in on ``device_type`` (for this call, when rules apply)."""
     env = os.environ.get(f"DIFFUSION_FAST_AUTO_{op.upper()}")
     if env:
         return tuple(n.strip() for n in env.split(",") if n.strip())
-    return _AUTO_ORDER.get(op, {}).get(device_type, ("torch",))
+    order = _AUTO_ORDER.get(op, {}).get(device_type, ("torch",))
+    if callable(order):
+        return order(call) if call is not None else _FAST_SMALL
+    return order
 
 
 def backends(op: str) -> dict[str, _Entry]:
@@ -122,7 +152,7 @@ def resolve(op: str, backend: str, device: torch.device, call: dict[str, Any]) -
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot serve this call: {reason}")
         return entry.load().forward
     reasons = []
-    for name in auto_order(op, device.type):
+    for name in auto_order(op, device.type, call):
         entry = entries.get(name)
         if entry is None:
             continue

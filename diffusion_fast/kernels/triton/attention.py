@@ -7,9 +7,9 @@ and its fp32 accumulator in registers and streams K/V in ``[BLOCK_N, D]`` tiles:
 ``acc = acc * alpha + p v`` with ``p`` cast to the input dtype (as flash attention does).
 
 Head dims that are not powers of two are split instead of padded: ``D = D_A + D_B`` with two power-of-two
-parts (40 = 32 + 8→16, 80 = 64 + 16, 160 = 128 + 32), each its own pair of dots; only the lanes of the last
-part beyond ``D`` are masked. Useful MMA work: 83% at D=40, 100% at D=80 and D=160, where padding to the
-next power of two would give 62.5%.
+parts, the second at least ``MIN_SPLIT`` = 32 wide (80 = 64 + 16→32, 160 = 128 + 32, 72 = 64 + 8→32), each its
+own pair of dots; only the lanes of the last part beyond ``D`` are masked. D=40 is padded to 64. Useful MMA
+work: 83% at D=80, 100% at D=160, where padding to the next power of two would give 62.5%.
 
 Keys: full ``BLOCK_N`` tiles without masks, then one masked tail tile of ``next_pow2(Sk % BLOCK_N)`` (at least
 16) columns. Short Sk (<= 128, text tokens): no loop at all — one unmasked tile of ``prev_pow2(Sk)`` and a
@@ -160,14 +160,20 @@ class Config:
     num_stages: int
 
 
+# Narrowest second part of a split head dim. A 16-wide part (D = 40 as 32 + 16, D = 80 as 64 + 16) gave NaN
+# and out-of-bounds results on an H200 with Triton 3.6 for some tile configurations; 32 is the narrowest
+# width seen correct there, so 40 is padded to 64 and 80 runs as 64 + 32.
+MIN_SPLIT = 32
+
+
 def split_head_dim(D: int) -> tuple[int, int]:
-    """``(D_A, D_B)``: two power-of-two parts (each >= 16, D_B may be 0) covering D with the least padding."""
+    """``(D_A, D_B)``: two power-of-two parts (D_B >= MIN_SPLIT or 0) covering D with the least padding."""
     full = max(16, next_pow2(D))
     da = max(16, prev_pow2(D))
     rem = D - da
     if rem <= 0:
         return full, 0
-    db = max(16, next_pow2(rem))
+    db = max(MIN_SPLIT, next_pow2(rem))
     if da + db >= full:
         return full, 0
     return da, db
