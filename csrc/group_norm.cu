@@ -226,7 +226,9 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) gn_nhwc_kernel(const GnParams
   const int split = blockIdx.x % p.splits;
   const int HW = int(p.HW), C = int(p.C);
   const int chunk = (HW + p.splits - 1) / p.splits;
-  const int r0 = split * chunk;
+  // Clamp both ends: with a rounded-up chunk the last splits can start past HW, and a negative row count
+  // would corrupt the merged statistics (seen on an H200 for [1, 1280, 8, 8] channels_last, 20 splits).
+  const int r0 = min(HW, split * chunk);
   const int r1 = min(HW, r0 + chunk);
   const T* xb = static_cast<const T*>(p.x) + n * p.HW * p.C + col * VEC;
   T* ob = static_cast<T*>(p.out) + n * p.HW * p.C + col * VEC;
@@ -434,7 +436,12 @@ int group_norm_splits(std::int64_t N, std::int64_t C, std::int64_t HW, int G, bo
   s = std::min<std::int64_t>(s, std::max<std::int64_t>(1, per_unit / kMinElemsPerBlock));
   s = std::min<std::int64_t>(s, max_rows);
   s = std::min<std::int64_t>(s, kMaxSplits);
-  return int(std::max<std::int64_t>(1, s));
+  s = std::max<std::int64_t>(1, s);
+  if (channels_last) {  // no empty split: s blocks of ceil(HW / s) rows each must all start inside HW
+    const std::int64_t chunk = (HW + s - 1) / s;
+    s = (HW + chunk - 1) / chunk;
+  }
+  return int(s);
 }
 
 std::int64_t group_norm_workspace(std::int64_t N, int G, int splits) {

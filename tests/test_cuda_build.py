@@ -259,6 +259,16 @@ def test_group_norm_plan_splits_so_batch_one_fills_the_gpu(ext):
     assert ext.group_norm_nhwc_fits(4096, 8) and not ext.group_norm_nhwc_fits(4096, 4)
 
 
+def test_channels_last_splits_never_start_past_the_last_row(ext):
+    # [1, 1280, 8, 8] channels_last once planned 20 splits of 4 rows over 64 rows: splits 16-19 started past
+    # the end and their negative row counts corrupted the statistics. Every planned split must own a row.
+    for C, HW in ((1280, 64), (1280, 63), (640, 256), (320, 4096), (30, 64), (4096, 5), (1280, 1)):
+        for sm in (16, 108, 132):
+            s = ext.group_norm_splits(1, C, HW, 32 if C % 32 == 0 else 2, True, 8, sm)
+            chunk = -(-HW // s)
+            assert all(i * chunk < HW for i in range(s)), (C, HW, sm, s, chunk)
+
+
 # ------------------------------------------------------------------------------------------ setup.py
 
 def _setup(env_extra: dict[str, str]) -> subprocess.CompletedProcess:

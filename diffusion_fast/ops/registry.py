@@ -63,7 +63,7 @@ class _Entry:
 _REGISTRY: dict[str, dict[str, _Entry]] = {}
 
 # Preference order of ``auto`` per op and device type: a fixed order, or a rule that looks at the call's
-# shapes. The CUDA rules come from measured data (benchmarks/results/2026-11-26-h200.json, H200, bf16): the
+# shapes. The CUDA rules come from measured data (benchmarks/results/2026-11-26-h200-run2.json, H200, bf16): the
 # CUDA kernels win where a call is short (launch cost dominates: the pybind11 launch is cheaper than a Triton
 # launch) and the Triton kernels win on large, bandwidth- or matmul-bound calls. Every rule is overridable
 # with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.

@@ -147,7 +147,7 @@ def attention_jobs(arch: int, full: bool) -> list[Job]:
     jobs: list[Job] = []
 
     def add(dtype, D, Sk, cfg):
-        da, db = A.split_head_dim(D)
+        da, db = A.split_head_dim(D, split=A.SPLIT_ON_GPU)  # what the compiled kernels run
         bn, tail, _, short = A.key_tiles(Sk, cfg.block_n)
         tt = _TT[str(dtype).replace("torch.", "")]
         lowp = dtype != torch.float32

@@ -6,10 +6,11 @@ and its fp32 accumulator in registers and streams K/V in ``[BLOCK_N, D]`` tiles:
 ``s = q k^T * scale * log2(e)`` (tensor cores, fp32 accumulate), running max and sum in fp32 with ``exp2``,
 ``acc = acc * alpha + p v`` with ``p`` cast to the input dtype (as flash attention does).
 
-Head dims that are not powers of two are split instead of padded: ``D = D_A + D_B`` with two power-of-two
+Head dims that are not powers of two can be split instead of padded: ``D = D_A + D_B`` with two power-of-two
 parts, the second at least ``MIN_SPLIT`` = 32 wide (80 = 64 + 16→32, 160 = 128 + 32, 72 = 64 + 8→32), each its
-own pair of dots; only the lanes of the last part beyond ``D`` are masked. D=40 is padded to 64. Useful MMA
-work: 83% at D=80, 100% at D=160, where padding to the next power of two would give 62.5%.
+own pair of dots; only the lanes of the last part beyond ``D`` are masked (useful MMA work 83% at D=80, 100% at
+D=160, against 62.5% padded). The split path gave wrong results on an H200 with Triton 3.6, so compiled
+kernels pad to the next power of two (``SPLIT_ON_GPU``); the interpreter runs the split path.
 
 Keys: full ``BLOCK_N`` tiles without masks, then one masked tail tile of ``next_pow2(Sk % BLOCK_N)`` (at least
 16) columns. Short Sk (<= 128, text tokens): no loop at all — one unmasked tile of ``prev_pow2(Sk)`` and a
@@ -160,15 +161,24 @@ class Config:
     num_stages: int
 
 
-# Narrowest second part of a split head dim. A 16-wide part (D = 40 as 32 + 16, D = 80 as 64 + 16) gave NaN
-# and out-of-bounds results on an H200 with Triton 3.6 for some tile configurations; 32 is the narrowest
-# width seen correct there, so 40 is padded to 64 and 80 runs as 64 + 32.
+# Narrowest second part of a split head dim.
 MIN_SPLIT = 32
+# Whether compiled (GPU) kernels split head dims at all. On an H200 with Triton 3.6 the split kernels gave
+# NaN (D=40 as 32 + 16, long path) and illegal addresses (D=80 as 64 + 32 and D=160 as 128 + 32, loop-free
+# short path) in benchmarks/gpu_check.sh on 2026-11-26, while every padded head dim was right. Until a GPU
+# run shows the split path right, compiled kernels pad D to the next power of two (as FlashAttention does);
+# the interpreter keeps running the split path, so its indexing stays tested.
+SPLIT_ON_GPU = False
 
 
-def split_head_dim(D: int) -> tuple[int, int]:
-    """``(D_A, D_B)``: two power-of-two parts (D_B >= MIN_SPLIT or 0) covering D with the least padding."""
+def split_head_dim(D: int, split: bool | None = None) -> tuple[int, int]:
+    """``(D_A, D_B)`` covering D: the next power of two (``D_B = 0``), or — when splitting, the default
+    under the interpreter — two power-of-two parts (``D_B >= MIN_SPLIT``) with the least padding."""
     full = max(16, next_pow2(D))
+    if split is None:
+        split = INTERPRET or SPLIT_ON_GPU
+    if not split:
+        return full, 0
     da = max(16, prev_pow2(D))
     rem = D - da
     if rem <= 0:
@@ -224,7 +234,8 @@ _LOWP = {
     80: {
         "long": {
             64: [_C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 3)],
-            128: [_C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 64, 8, 3), _C(64, 32, 8, 3)],
+            # (64, 64, 8, 3) spills 8 B at D=80 padded to 128.
+            128: [_C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 32, 8, 3)],
             192: [_C(128, 32, 8, 3), _C(64, 32, 4, 3), _C(64, 32, 8, 2)],
             256: [_C(32, 32, 4, 2), _C(32, 16, 4, 2)],
         },
@@ -233,7 +244,8 @@ _LOWP = {
             128: [_C(64, 0, 8, 1), _C(32, 0, 4, 1)],
             # Ampere's loop-free tiles of 144-192 wide heads spill at any M: 32-key tiles with a tail instead.
             192: [_C(128, 32, 8, 3), _C(64, 32, 4, 3)],
-            256: [_C(32, 0, 4, 1)],
+            # The loop-free 256-wide tile spills at D=160 padded to 256: 32-key tiles instead.
+            256: [_C(32, 32, 4, 2), _C(32, 16, 4, 2)],
         },
     },
 }
@@ -248,7 +260,7 @@ _INTERPRET_SHORT_CONFIG = Config(64, 0, 4, 1)
 
 
 def _d_class(D: int) -> int:
-    da, db = split_head_dim(D)
+    da, db = split_head_dim(D, split=SPLIT_ON_GPU)  # the configuration lists are for compiled kernels
     d_eff = da + db
     return next(c for c in (64, 128, 192, 256) if d_eff <= c)
 
