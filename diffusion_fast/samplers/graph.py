@@ -38,7 +38,7 @@ import torch
 MAX_CACHED_GRAPHS = 4
 
 
-from .loop import draw_noise  # noqa: E402 - the one way noise is drawn, shared with the eager loop
+from .loop import _same_device, draw_noise  # noqa: E402 - shared with the eager loop
 
 
 @dataclass
@@ -179,8 +179,7 @@ def _check(inputs: Sequence[torch.Tensor], n_noise: int, noise_shape, generator)
         if t.device != device:
             raise ValueError(f"inputs[{i}] is on {t.device} but inputs[0] is on {device}; "
                              "a graph runs on one device")
-    if generator is not None and (generator.device.type != device.type or
-                                  generator.device.index not in (None, device.index)):
+    if generator is not None and not _same_device(generator.device, device):
         raise ValueError(f"generator is on {generator.device} but the sampling tensors are on {device}; "
                          "the noise must be drawn on the device the graph runs on")
     if torch.cuda.is_current_stream_capturing():
