@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_fast import ops
-from diffusion_fast.ops.sampler_step import coef_width
+from diffusion_fast.ops.rows import coef_width
 
 
 def cases(device):

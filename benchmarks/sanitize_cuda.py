@@ -18,7 +18,7 @@ import torch
 from diffusion_fast import ops
 from diffusion_fast.kernels.cuda import _ext
 from diffusion_fast.kernels.cuda import attention as cuda_attn
-from diffusion_fast.ops.sampler_step import coef_width
+from diffusion_fast.ops.rows import coef_width
 
 FAILURES: list[str] = []
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}

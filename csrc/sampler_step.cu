@@ -21,7 +21,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxHist = 8;
 
-// Row layout (diffusion_fast/ops/sampler_step.py): G, P, Q, AX, AD, AZ, BX, BD, CIN, AH[K], BH[K].
+// Row layout: twin of diffusion_fast/ops/rows.py (tests/test_rows.py checks that they agree):
+// G, P, Q, AX, AD, AZ, BX, BD, CIN, AH[K], BH[K].
 enum Row : int { kG = 0, kP, kQ, kAX, kAD, kAZ, kBX, kBD, kCIN, kAH };
 
 struct StepParams {

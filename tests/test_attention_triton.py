@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusion_fast import ops
-from diffusion_fast.kernels.torch import attention as ref
+from diffusion_fast.kernels.reference import attention as ref
 from diffusion_fast.kernels.triton import _autotune, _common
 from diffusion_fast.kernels.triton import attention as ta
 from diffusion_fast.ops.registry import BackendUnavailable

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_fast import ops
-from diffusion_fast.kernels.torch import group_norm as ref
+from diffusion_fast.kernels.reference import group_norm as ref
 from diffusion_fast.kernels.triton import _common
 from diffusion_fast.kernels.triton import group_norm as tgn
 from diffusion_fast.ops.registry import BackendUnavailable

@@ -7,7 +7,7 @@ import torch
 
 from diffusion_fast import ops
 from diffusion_fast.ops import library
-from diffusion_fast.ops.sampler_step import coef_width
+from diffusion_fast.ops.rows import coef_width
 
 
 def inputs(seed=0):
@@ -23,12 +23,12 @@ def inputs(seed=0):
 
 def model(d, hist):
     """A toy step: GN+SiLU with a time embedding, attention, then an in-place sampler step with CFG."""
-    h = library.group_norm(d["x"], 8, d["w"], d["b"], 1e-5, "silu", add=d["t"])
-    a = library.attention(d["q"], d["k"], d["v"])
+    h = ops.group_norm(d["x"], 8, d["w"], d["b"], 1e-5, "silu", add=d["t"])
+    a = ops.attention(d["q"], d["k"], d["v"])
     net = torch.empty(4, 32, 5, 7)
     state = h.clone()
-    s = library.sampler_step(state, torch.cat([h, 2 * h]), d["coef"], d["slots"], hist, None, out=state,
-                             net_input=net)
+    s = ops.sampler_step(state, torch.cat([h, 2 * h]), d["coef"], d["slots"], hist, None, out=state,
+                         net_input=net)
     return s, a, net, hist
 
 
@@ -39,12 +39,14 @@ def test_ops_are_registered():
 
 def test_custom_ops_equal_the_public_ops():
     d = inputs()
-    assert torch.equal(library.group_norm(d["x"], 8, d["w"], d["b"], activation="silu", add=d["t"]),
+    assert torch.equal(library.group_norm(d["x"], 8, d["w"], d["b"], 1e-5, "silu", d["t"], "auto"),
                        ops.group_norm(d["x"], 8, d["w"], d["b"], activation="silu", add=d["t"]))
-    assert torch.equal(library.attention(d["q"], d["k"], d["v"], 0.3), ops.attention(d["q"], d["k"], d["v"], 0.3))
+    assert torch.equal(library.attention(d["q"], d["k"], d["v"], 0.3, "auto"),
+                       ops.attention(d["q"], d["k"], d["v"], 0.3))
     h1, h2 = d["hist"].clone(), d["hist"].clone()
     mo = torch.cat([d["x"], d["x"]])
-    o1 = library.sampler_step(d["x"], mo, d["coef"], d["slots"], h1)
+    o1 = torch.empty_like(d["x"])
+    library.sampler_step(d["x"], mo, d["coef"], d["slots"], h1, None, o1, None, "auto")
     o2 = ops.sampler_step(d["x"], mo, d["coef"], d["slots"], h2)
     assert torch.equal(o1, o2) and torch.equal(h1, h2)
 
@@ -55,7 +57,7 @@ def test_opcheck():
     x_cl = d["x"].to(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.diffusion_fast.group_norm.default,
                           (x_cl, 8, d["w"], d["b"], 1e-5, "silu", d["t"], "torch"))
-    torch.library.opcheck(torch.ops.diffusion_fast.attention.default, (d["q"], d["k"], d["v"], None, "torch"))
+    torch.library.opcheck(torch.ops.diffusion_fast.attention.default, (d["q"], d["k"], d["v"], 0.25, "torch"))
     torch.library.opcheck(torch.ops.diffusion_fast.sampler_step.default,
                           (d["x"], torch.cat([d["x"], d["x"]]), d["coef"], d["slots"], d["hist"].clone(), None,
                            torch.empty_like(d["x"]), torch.empty(4, 32, 5, 7), "torch"))

@@ -132,7 +132,7 @@ def test_attention_reference_strided_views_of_fused_qkv():
 
 
 def test_attention_reference_chunking_matches_unchunked(monkeypatch):
-    from diffusion_fast.kernels.torch import attention as ref_mod
+    from diffusion_fast.kernels.reference import attention as ref_mod
 
     q, k, v = torch.randn(1, 50, 2, 16), torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
     whole = ops.attention(q, k, v, backend="torch")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion_fast import ops
-from diffusion_fast.ops.sampler_step import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
+from diffusion_fast.ops.rows import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

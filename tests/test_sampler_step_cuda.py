@@ -13,7 +13,7 @@ import torch
 
 from diffusion_fast import ops
 from diffusion_fast.kernels.cuda import sampler_step as cuda_step
-from diffusion_fast.ops.sampler_step import coef_width
+from diffusion_fast.ops.rows import coef_width
 
 pytestmark = pytest.mark.gpu
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from diffusion_fast import ops
-from diffusion_fast.kernels.torch import sampler_step as ref
+from diffusion_fast.kernels.reference import sampler_step as ref
 from diffusion_fast.kernels.triton import sampler_step as tss
 from diffusion_fast.ops.registry import BackendUnavailable
-from diffusion_fast.ops.sampler_step import coef_width
+from diffusion_fast.ops.rows import coef_width
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 SHAPE = (2, 4, 5, 7)  # 280 elements: a partial last block under every configuration

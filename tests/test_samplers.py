@@ -285,7 +285,7 @@ def test_matches_diffusers_scheduler(name, cls_name, kw, opts, n):
 def run_table_float64(plan, x, denoise):
     """Execute a coefficient table in float64 with numpy (independent of the fp32 op), returning the state
     after every step: the table's mathematics without float32 rounding."""
-    from diffusion_fast.ops.sampler_step import AD, AH, AX, BD, BH, BX
+    from diffusion_fast.ops.rows import AD, AH, AX, BD, BH, BX
 
     K, hist, x, out = plan.K, np.zeros((plan.K, *x.shape)), x.copy(), []
     for e in range(plan.evaluations):

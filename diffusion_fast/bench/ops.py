@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import ops as dfops
 from ..ops import registry
-from ..ops.sampler_step import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
+from ..ops.rows import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
 from .progress import Progress
 from .timing import measure, rotation_count
 
@@ -299,7 +299,7 @@ class _CompileBudget:
 def _compiled(op: str):
     import importlib
 
-    ref = importlib.import_module(f"diffusion_fast.kernels.torch.{op}").forward
+    ref = importlib.import_module(f"diffusion_fast.kernels.reference.{op}").forward
 
     def bind(t):
         fn = torch.compile(ref, dynamic=False)

@@ -7,10 +7,10 @@ from typing import Optional
 
 import torch
 
-from . import registry
+from . import library, registry
 from ._checks import check_finite_float, check_same_device, check_same_dtype, check_tensor
 
-registry.register("attention", "torch", "diffusion_fast.kernels.torch.attention")
+registry.register("attention", "torch", "diffusion_fast.kernels.reference.attention")
 registry.register("attention", "triton", "diffusion_fast.kernels.triton.attention")
 registry.register("attention", "cuda", "diffusion_fast.kernels.cuda.attention")
 
@@ -61,9 +61,7 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scale = check_finite_float("scale", scale)
-    if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py)
-        from .library import attention as traced
-
-        return traced(q, k, v, scale, backend=backend)
+    if torch.compiler.is_compiling():  # traced as one opaque custom op (ops/library.py)
+        return library.attention(q, k, v, scale, backend)
     call = dict(q=q, k=k, v=v, scale=scale)
     return registry.resolve("attention", backend, device, call)(**call)

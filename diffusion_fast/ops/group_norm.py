@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
-from . import registry
+from . import library, registry
 from ._checks import FLOAT_DTYPES, check_finite_float, check_same_device, check_tensor
 
-registry.register("group_norm", "torch", "diffusion_fast.kernels.torch.group_norm")
+registry.register("group_norm", "torch", "diffusion_fast.kernels.reference.group_norm")
 registry.register("group_norm", "triton", "diffusion_fast.kernels.triton.group_norm")
 registry.register("group_norm", "cuda", "diffusion_fast.kernels.cuda.group_norm")
 
@@ -65,7 +65,7 @@ def group_norm(
             raise TypeError(f"{name} has dtype {p.dtype}; it must be float32 or x's dtype {x.dtype}")
         if tuple(p.shape) != (C,):
             raise ValueError(f"{name} must have shape [C]=({C},), got {tuple(p.shape)}")
-    if weight is not None and weight.dtype != bias.dtype:
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"weight ({weight.dtype}) and bias ({bias.dtype}) must have the same dtype")
     if add is not None:
         check_tensor("add", add, dtypes=FLOAT_DTYPES)
@@ -76,8 +76,6 @@ def group_norm(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     device = check_same_device(x=x, weight=weight, bias=bias, add=add)
     if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py) so torch.compile keeps it whole
-        from .library import group_norm as traced
-
-        return traced(x, num_groups, weight, bias, eps, activation, add=add, backend=backend)
+        return library.group_norm(x, num_groups, weight, bias, eps, activation, add, backend)
     call = dict(x=x, num_groups=num_groups, weight=weight, bias=bias, eps=eps, activation=activation, add=add)
     return registry.resolve("group_norm", backend, device, call)(**call)

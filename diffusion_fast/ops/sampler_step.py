@@ -3,7 +3,8 @@
 Every sampler's update is a linear combination of the current state ``x``, the denoised estimate ``D`` of
 this network evaluation, ``K`` stored history slots and noise ``z``, with coefficients that depend only on
 the schedule (see :mod:`diffusion_fast.samplers`). One row of the sampler's coefficient table drives one
-call. With ``row = coef`` (float32, on the device):
+call; the row's layout (the indices ``G``, ``P``, ... below) is :mod:`diffusion_fast.ops.rows`. With
+``row = coef`` (float32, on the device):
 
     raw    = model_output                                       # [B, ...], or for a CFG batch [2B, ...]:
     raw    = u + row[G] * (c - u)   where u, c = model_output[:B], model_output[B:]   (uncond first)
@@ -27,25 +28,13 @@ from typing import Optional
 
 import torch
 
-from . import registry
+from . import library, registry
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .rows import MAX_HIST, coef_width
 
-registry.register("sampler_step", "torch", "diffusion_fast.kernels.torch.sampler_step")
+registry.register("sampler_step", "torch", "diffusion_fast.kernels.reference.sampler_step")
 registry.register("sampler_step", "triton", "diffusion_fast.kernels.triton.sampler_step")
 registry.register("sampler_step", "cuda", "diffusion_fast.kernels.cuda.sampler_step")
-
-# Layout of one coefficient row for K history slots (width 9 + 2K).
-G, P, Q, AX, AD, AZ, BX, BD, CIN = range(9)
-AH = 9
-MAX_HIST = 8
-
-
-def BH(K: int) -> int:  # noqa: N802 - mirrors the constant names
-    return AH + K
-
-
-def coef_width(K: int) -> int:
-    return AH + 2 * K
 
 
 def sampler_step(
@@ -123,9 +112,8 @@ def sampler_step(
     device = check_same_device(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist,
                                noise=noise, out=out, net_input=net_input)
     if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py), mutating hist/out/net_input
-        from .library import sampler_step as traced
-
-        return traced(x, model_output, coef, slots, hist, noise, out=out, net_input=net_input, backend=backend)
+        library.sampler_step(x, model_output, coef, slots, hist, noise, out, net_input, backend)
+        return out
     call = dict(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist, noise=noise, out=out,
                 net_input=net_input)
     return registry.resolve("sampler_step", backend, device, call)(**call)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..ops.sampler_step import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
+from ..ops.rows import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q, coef_width
 
 PREDICTIONS = ("denoised", "epsilon", "v_prediction", "sample", "flow")
 PARAMETRIZATIONS = ("ve", "flow")

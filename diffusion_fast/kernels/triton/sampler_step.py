@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from ...ops.sampler_step import AD, AH, AX, AZ, BD, BX, CIN, G, P, Q
+from ...ops.rows import AD, AH, AX, AZ, BD, BX, CIN, G, P, Q
 from ._common import INTERPRET, bf16_staging, device_reason, numel_reason
 from ._common import available as _available
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.sampler_step import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q
+from ...ops.rows import AD, AH, AX, AZ, BD, BH, BX, CIN, G, P, Q
 
 
 def available() -> str | None:
