@@ -45,3 +45,13 @@ def check_finite_float(name: str, value: object, *, positive: bool = False) -> f
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return v
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are the same device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)

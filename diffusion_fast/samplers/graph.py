@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
+from ..ops._checks import same_device
+from .loop import draw_noise, run
+
 MAX_CACHED_GRAPHS = 4
-
-
-from .loop import _same_device, draw_noise  # noqa: E402 - shared with the eager loop
 
 
 @dataclass
@@ -179,7 +179,7 @@ def _check(inputs: Sequence[torch.Tensor], n_noise: int, noise_shape, generator)
         if t.device != device:
             raise ValueError(f"inputs[{i}] is on {t.device} but inputs[0] is on {device}; "
                              "a graph runs on one device")
-    if generator is not None and not _same_device(generator.device, device):
+    if generator is not None and not same_device(generator.device, device):
         raise ValueError(f"generator is on {generator.device} but the sampling tensors are on {device}; "
                          "the noise must be drawn on the device the graph runs on")
     if torch.cuda.is_current_stream_capturing():
@@ -304,8 +304,6 @@ def run_graphed(
     Raises:
         ValueError: a tensor is not on CUDA, or the generator is on another device.
     """
-    from .loop import run
-
     names = ("x",) + tuple(n for n, t in (("cond", cond), ("uncond", uncond)) if t is not None)
     given = {"x": x, "cond": cond, "uncond": uncond}
     inputs = [given[n] for n in names]

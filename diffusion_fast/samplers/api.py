@@ -1,0 +1,151 @@
+"""``diffusion_fast.sample``: check the arguments once, then run the loop eagerly or as one CUDA graph."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..ops._checks import same_device
+from .loop import get_plan, run
+from .tables import PARAMETRIZATIONS, PREDICTIONS, SAMPLERS
+
+
+def _sigmas_to_host(sigmas) -> np.ndarray:
+    if isinstance(sigmas, torch.Tensor):
+        # One copy before the loop starts; the loop itself never reads device values.
+        sigmas = sigmas.detach().to("cpu", torch.float64).numpy()
+    try:
+        s = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats: {exc}") from None
+    if s.ndim != 1 or s.shape[0] < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 values (N steps need N+1), got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError(f"sigmas must be finite and >= 0, got {s.tolist()}")
+    if np.any(s[1:] >= s[:-1]):
+        raise ValueError(f"sigmas must be strictly decreasing, got {s.tolist()}")
+    return s
+
+
+def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond, net_dtype):
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, sigma[, cond]), got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor [B, ...], got {type(x).__name__}"
+                        + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if parametrization is None:
+        parametrization = "flow" if prediction == "flow" else "ve"
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    if prediction == "flow" and parametrization != "flow":
+        raise ValueError("prediction='flow' (velocity) needs parametrization='flow'")
+    if prediction in ("epsilon", "v_prediction") and parametrization != "ve":
+        raise ValueError(f"prediction={prediction!r} is defined for parametrization='ve', got {parametrization!r}")
+    if guidance_scale is not None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
+        if cond is None or uncond is None:
+            raise ValueError("guidance_scale needs both cond and uncond (batched as [uncond; cond] per call)")
+    elif uncond is not None:
+        raise ValueError("uncond is only used with guidance_scale; pass guidance_scale or drop uncond")
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        if c is not None:
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(c).__name__}")
+            if c.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} must have batch size {x.shape[0]} (x's), got shape {tuple(c.shape)}")
+            if c.device != x.device:
+                raise ValueError(f"{name} is on {c.device} but x is on {x.device}")
+    if cond is not None and uncond is not None and cond.shape != uncond.shape:
+        raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} must have the same shape")
+    if net_dtype is not None and net_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"net_dtype must be float32, float16 or bfloat16, got {net_dtype}")
+    return parametrization
+
+
+def sample(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas,
+    sampler: str = "dpmpp_2m",
+    *,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[dict[str, Any]], None]] = None,
+    progress: bool = False,
+    guidance_scale: Optional[float] = None,
+    cond: Optional[torch.Tensor] = None,
+    uncond: Optional[torch.Tensor] = None,
+    prediction: str = "denoised",
+    parametrization: Optional[str] = None,
+    net_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+    cuda_graph: bool = False,
+    **options,
+) -> torch.Tensor:
+    """Run ``sampler`` over the schedule ``sigmas`` starting from ``x`` and return the sample.
+
+    Args:
+        model: the network. Called as ``model(x_in, sigma)``, or ``model(x_in, sigma, cond)`` when ``cond``
+            is given. ``sigma`` is a float32 tensor ``[batch of x_in]``. With ``guidance_scale``, each call
+            evaluates both halves of classifier-free guidance at once: ``x_in`` has batch ``2B`` and
+            ``cond`` is ``torch.cat([uncond, cond])`` (unconditional half first).
+            With ``prediction="denoised"`` (k-diffusion's denoiser contract) the model receives the state
+            itself and returns the denoised estimate. With a raw kind (``"epsilon"``, ``"v_prediction"``,
+            ``"sample"``, ``"flow"``) it receives ``c_in(sigma) * x`` in ``net_dtype`` (``c_in = 1 /
+            sqrt(sigma^2 + 1)`` for the VE parametrization, 1 for flow) and returns its raw output, which
+            the fused step converts to the denoised estimate.
+        x: ``[B, ...]`` starting noise already multiplied by ``sigmas[0]`` (flow: pure noise at sigma 1).
+        sigmas: ``[N + 1]`` strictly decreasing, usually ending in 0 (see :mod:`diffusion_fast.schedules`).
+        sampler: one of :data:`diffusion_fast.SAMPLERS`.
+        generator: source of the ancestral / SDE noise; same seed, device and backend → bit-identical output.
+        callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
+        progress: show a progress bar.
+        guidance_scale: classifier-free guidance scale ``g``: ``raw = u + g * (c - u)``.
+        cond, uncond: conditioning tensors ``[B, ...]`` handed to the model (see above).
+        prediction: what the model returns: ``"denoised"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``
+            or ``"flow"`` (velocity ``noise - x0``).
+        parametrization: ``"ve"`` (``x = x0 + sigma*noise``, default) or ``"flow"``
+            (``x = (1 - sigma)*x0 + sigma*noise``; default when ``prediction="flow"``).
+        net_dtype: dtype of the network input (default float32); the sampler state stays float32.
+        backend: backend of the fused step (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
+        cuda_graph: capture the whole trajectory in a CUDA graph and replay it (CUDA tensors only).
+        **options: sampler options: ``eta`` and ``s_noise`` (ancestral/SDE samplers, ddim), ``order``
+            (lms, unipc), ``solver_type`` (dpmpp_2m_sde), ``variant`` (unipc).
+
+    Returns:
+        ``[B, ...]`` float32 sample.
+    """
+    parametrization = _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond,
+                                  net_dtype)
+    s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
+    if parametrization == "flow" and s[0] > 1.0:
+        raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
+    if generator is not None and not same_device(generator.device, x.device):
+        raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+    tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
+                      need_denoised=callback is not None)
+    if cuda_graph:
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors; x is on {x.device}")
+        if callback is not None:
+            raise ValueError("cuda_graph=True replays the whole trajectory at once; it takes no callback")
+        from .graph import run_graphed  # imported on use: graph capture is CUDA-only
+
+        return run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
+                           uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend)
+    return run(tables, model, x, generator=generator, callback=callback, progress=progress,
+               guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype or torch.float32,
+               backend=backend)
+
+
