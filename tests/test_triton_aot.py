@@ -5,7 +5,7 @@ class on each target family, long and loop-free paths; group_norm: both layouts,
 tile shapes of narrow and wide groups; sampler_step: both block configurations, K = 0/1/3/8 with every input
 present) must compile, fit the target's shared memory, spill no registers, and — for the attention tiles on
 sm_90 that allow it — use wgmma. The wide set (more dtypes, head dims, key counts, flags) runs with
-``python -m diffusion_fast.kernels.triton._aot --full``; its table is in docs/kernels_triton.md.
+``python benchmarks/triton_aot.py --full``; its table is in docs/kernels_triton.md.
 """
 
 from __future__ import annotations
@@ -14,15 +14,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from diffusion_fast.kernels.triton import _aot
 from diffusion_fast.kernels.triton import attention as ta
 from diffusion_fast.kernels.triton import sampler_step as tss
 
 pytest.importorskip("triton.backends.nvidia")
+
+AOT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
+sys.path.insert(0, str(AOT.parent))
+import triton_aot as _aot  # noqa: E402 - a developer tool beside the benchmarks, not part of the package
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def records(tmp_path_factory):
     path = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions, no GPU needed
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated to silence its warning
-    proc = subprocess.run([sys.executable, "-m", "diffusion_fast.kernels.triton._aot", "--json", str(path)],
+    proc = subprocess.run([sys.executable, str(AOT), "--json", str(path)],
                           env=env, capture_output=True, text=True, timeout=900)
     if not path.exists():
         pytest.fail(f"the AOT run wrote nothing (rc={proc.returncode}):\n{proc.stderr[-3000:]}")

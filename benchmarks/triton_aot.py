@@ -8,8 +8,8 @@ PTX for ``wgmma`` (Hopper's asynchronous warpgroup MMA) where the attention tile
 
 Run it as a program (kernels must be real JIT functions, so never under ``TRITON_INTERPRET=1``)::
 
-    python -m diffusion_fast.kernels.triton._aot                 # representative set, both targets
-    python -m diffusion_fast.kernels.triton._aot --full --table  # the wide set, as a Markdown table
+    python benchmarks/triton_aot.py                 # representative set, both targets
+    python benchmarks/triton_aot.py --full --table  # the wide set, as a Markdown table
 
 ``--json PATH`` writes one record per compiled configuration.
 """
@@ -142,7 +142,7 @@ _ATTN_STRIDES = ("sqb", "sqs", "sqh", "skb", "sks", "skh", "svb", "svs", "svh", 
 def attention_jobs(arch: int, full: bool) -> list[Job]:
     import torch
 
-    from . import attention as A
+    from diffusion_fast.kernels.triton import attention as A
 
     jobs: list[Job] = []
 
@@ -185,7 +185,7 @@ def attention_jobs(arch: int, full: bool) -> list[Job]:
 
 
 def group_norm_jobs(arch: int, full: bool) -> list[Job]:
-    from . import group_norm as GN
+    from diffusion_fast.kernels.triton import group_norm as GN
 
     jobs: list[Job] = []
 
@@ -226,8 +226,8 @@ def group_norm_jobs(arch: int, full: bool) -> list[Job]:
 
 
 def sampler_step_jobs(arch: int, full: bool) -> list[Job]:
-    from ...ops.sampler_step import AD, AH, AX, AZ, BD, BX, CIN, G, P, Q
-    from . import sampler_step as SS
+    from diffusion_fast.kernels.triton import sampler_step as SS
+    from diffusion_fast.ops.rows import AD, AH, AX, AZ, BD, BX, CIN, G, P, Q
 
     index = (("I_G", G), ("I_P", P), ("I_Q", Q), ("I_AX", AX), ("I_AD", AD), ("I_AZ", AZ), ("I_BX", BX),
              ("I_BD", BD), ("I_CIN", CIN), ("I_AH", AH))
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--table", action="store_true", help="print a Markdown table")
     args = ap.parse_args(argv)
-    from ._common import INTERPRET
+    from diffusion_fast.kernels.triton._common import INTERPRET
 
     if INTERPRET:
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT functions", file=sys.stderr)
