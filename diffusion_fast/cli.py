@@ -200,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_samplers() -> int:
+def cmd_samplers(args: argparse.Namespace) -> int:
     from .samplers.tables import DESCRIPTIONS, SAMPLERS
 
     width = max(len(s) for s in SAMPLERS)
@@ -218,7 +218,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def cmd_info() -> int:
+def cmd_info(args: argparse.Namespace) -> int:
     import platform
 
     import torch
@@ -268,17 +268,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line (or the help)
         return 0 if exc.code in (0, None) else 2
+    commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info}
     try:
-        if args.cmd == "generate":
-            return cmd_generate(args)
-        if args.cmd == "samplers":
-            return cmd_samplers()
-        if args.cmd == "info":
-            return cmd_info()
+        return commands[args.cmd](args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.cmd!r}")
 
 
 if __name__ == "__main__":
