@@ -13,12 +13,16 @@ from .samplers import SAMPLERS, sample  # noqa: E402
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in the model code; import it only when asked for.
+    # The pipeline pulls in the model code, optimize/unoptimize pull in diffusers: import them only when asked.
     if name == "Pipeline":
         from .pipeline import Pipeline
 
         return Pipeline
+    if name in ("optimize", "unoptimize"):
+        from .integrations import diffusers
+
+        return getattr(diffusers, name)
     raise AttributeError(f"module 'diffusion_fast' has no attribute {name!r}")
 
 
-__all__ = ["SAMPLERS", "sample", "ops", "schedules", "Pipeline", "__version__"]
+__all__ = ["SAMPLERS", "sample", "ops", "schedules", "Pipeline", "optimize", "unoptimize", "__version__"]
