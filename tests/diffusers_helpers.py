@@ -14,6 +14,35 @@ UNET_PIPELINES = ("sd15", "sd15-img2img", "sdxl", "sdxl-img2img")
 DIT_PIPELINES = ("flux", "flux-img2img", "sd3", "sd3-img2img", "pixart-sigma")
 
 
+def meta_pipeline(name: str):
+    """The published architecture of ``name`` as a pipeline with only its denoiser (on meta) and scheduler."""
+    import diffusers
+
+    sched_cfg = C.scheduler_config(name)
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    with torch.device("meta"):
+        if name in ("sd15", "sdxl"):
+            model = diffusers.UNet2DConditionModel(**C.unet_config(name, "full"))
+        else:
+            cls = {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
+                   "pixart-sigma": diffusers.PixArtTransformer2DModel}[name]
+            model = cls(**C.transformer_config(name, "full"))
+    none = dict(vae=None, text_encoder=None, tokenizer=None)
+    if name == "sd15":
+        return diffusers.StableDiffusionPipeline(**none, unet=model, scheduler=scheduler, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+    if name == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**none, text_encoder_2=None, tokenizer_2=None, unet=model,
+                                                   scheduler=scheduler)
+    if name == "flux":
+        return diffusers.FluxPipeline(**none, text_encoder_2=None, tokenizer_2=None, transformer=model,
+                                      scheduler=scheduler)
+    if name == "sd3":
+        return diffusers.StableDiffusion3Pipeline(**none, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                                  tokenizer_3=None, transformer=model, scheduler=scheduler)
+    return diffusers.PixArtSigmaPipeline(**none, transformer=model, scheduler=scheduler)
+
+
 def call_kwargs(name: str, *, steps: int = 3, seed: int = 0, size: int = 16, dtype=torch.float32,
                 device="cpu") -> dict:
     """Keyword arguments of one call of tiny pipeline ``name`` (latents out, fixed seeds)."""

@@ -21,6 +21,7 @@ from diffusers_helpers import (  # noqa: E402
     chosen_backends,
     count_forwards,
     denoiser,
+    meta_pipeline,
     rel_err,
     run,
     weights,
@@ -116,6 +117,8 @@ def test_pixart_self_attention_reads_views_of_the_projections(monkeypatch):
 def test_flux_with_fused_qkv_projections_matches_stock():
     pipe = C.pipeline("flux")
     pipe.transformer.fuse_qkv_projections()
+    attns = [m for m in pipe.transformer.modules() if isinstance(m, diffusers.models.attention.AttentionModuleMixin)]
+    assert attns and all(m.fused_projections for m in attns)
     stock = run(pipe, "flux", steps=2)
     optimize(pipe)
     assert {type(p) for p in pipe.transformer.attn_processors.values()} == {P.FastFluxAttnProcessor}
@@ -189,33 +192,6 @@ def test_processor_types_diffusion_fast_does_not_replace_are_named():
 # ------------------------------------------------------------------------------------------------------------
 # Full-size configs, built on the meta device (structure only, no memory)
 # ------------------------------------------------------------------------------------------------------------
-
-
-def meta_pipeline(name: str):
-    """The published architecture of ``name`` as a pipeline with only its denoiser (on meta) and scheduler."""
-    sched_cfg = C.scheduler_config(name)
-    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
-    with torch.device("meta"):
-        if name in ("sd15", "sdxl"):
-            model = diffusers.UNet2DConditionModel(**C.unet_config(name, "full"))
-        else:
-            cls = {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-                   "pixart-sigma": diffusers.PixArtTransformer2DModel}[name]
-            model = cls(**C.transformer_config(name, "full"))
-    none = dict(vae=None, text_encoder=None, tokenizer=None)
-    if name == "sd15":
-        return diffusers.StableDiffusionPipeline(**none, unet=model, scheduler=scheduler, safety_checker=None,
-                                                 feature_extractor=None, requires_safety_checker=False)
-    if name == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(**none, text_encoder_2=None, tokenizer_2=None, unet=model,
-                                                   scheduler=scheduler)
-    if name == "flux":
-        return diffusers.FluxPipeline(**none, text_encoder_2=None, tokenizer_2=None, transformer=model,
-                                      scheduler=scheduler)
-    if name == "sd3":
-        return diffusers.StableDiffusion3Pipeline(**none, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                                  tokenizer_3=None, transformer=model, scheduler=scheduler)
-    return diffusers.PixArtSigmaPipeline(**none, transformer=model, scheduler=scheduler)
 
 
 # (attention modules, ResNet blocks) of the published architectures; every one of them runs diffusion_fast.

@@ -149,6 +149,37 @@ def test_fused_qkv_projections_are_served_from_views_of_one_projection(monkeypat
     assert torch.equal(run(pipe, "sd15", steps=2), stock)
 
 
+def test_spatial_attention_with_group_norm_and_residual_matches_stock():
+    """The VAE-style attention (4-D input, its own GroupNorm, residual connection, one head) takes the same path."""
+    attn = C.pipeline("sd15").vae.decoder.mid_block.attentions[0]
+    assert attn.group_norm is not None and attn.residual_connection and attn.heads == 1
+    x = torch.randn(2, attn.query_dim, 5, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = attn(x)
+        processor = P.FastAttnProcessor(attn.processor)
+        attn.set_processor(processor)
+        ours = attn(x)
+    assert processor.calls == 1 and not processor.fallbacks
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5 * stock.abs().max().item())
+
+
+def test_calls_the_op_cannot_take_run_the_stock_processor_and_are_counted():
+    unet = C.pipeline("sd15").unet.double()
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 16, attn.query_dim, generator=g).double(), torch.randn(2, 5, 32, generator=g).double()
+    mask = torch.zeros(2, 1, 5, dtype=torch.float64)
+    mask[:, :, 3:] = -10000.0
+    with torch.no_grad():
+        stock = attn(x, ctx), attn(x.float().double(), ctx, attention_mask=mask)
+        processor = P.FastAttnProcessor(attn.processor)
+        attn.set_processor(processor)
+        ours = attn(x, ctx), attn(x, ctx, attention_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(ours, stock))
+    assert processor.calls == 0 and processor.fallbacks == {
+        "dtype float64: diffusion_fast.ops.attention serves float32, float16 and bfloat16": 1, P.MASK_REASON: 1}
+
+
 def resnet_block(**kw) -> diffusers.models.resnet.ResnetBlock2D:
     torch.manual_seed(0)
     block = diffusers.models.resnet.ResnetBlock2D(**kw).eval()

@@ -37,7 +37,7 @@ from diffusers.models.attention_processor import (
 )
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from ... import ops
 from ...ops._checks import FLOAT_DTYPES
@@ -205,6 +205,20 @@ class FastJointAttnProcessor(FastProcessor):
         return hidden_states
 
 
+def _flux_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]):
+    """q, k, v of the image tokens and of the context tokens (None without context), as FluxAttnProcessor
+    computes them: separate linears, or chunks (views) of the fused ones after ``fuse_qkv_projections``."""
+    with_context = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        context = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1) if with_context else (None,) * 3
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        context = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                   attn.add_v_proj(encoder_hidden_states)) if with_context else (None,) * 3
+    return (query, key, value, *context)
+
+
 class FastFluxAttnProcessor(FastProcessor):
     """``FluxAttnProcessor`` with ``ops.attention``: context tokens then image tokens, RoPE on both (the
     double-stream blocks), or the already joined sequence (the single-stream blocks)."""
@@ -216,7 +230,7 @@ class FastFluxAttnProcessor(FastProcessor):
             self._fallback(reason)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query, key, value, context_query, context_key, context_value = _get_qkv_projections(
+        query, key, value, context_query, context_key, context_value = _flux_projections(
             attn, hidden_states, encoder_hidden_states)
         query = query.unflatten(-1, (-1, attn.head_dim))
         key = key.unflatten(-1, (-1, attn.head_dim))
