@@ -13,9 +13,12 @@ Convolutions, linears, layer norms and GELU are plain torch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +412,63 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[0], eps, "silu", **fk)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1, **fk)
 
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, os.PathLike], subfolder: Optional[str] = None, *,
+                        variant: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                        dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+        """Load a diffusers ``UNet2DConditionModel`` folder (``config.json`` + safetensors weights).
+
+        ``UNet2DConditionModel.from_pretrained("path/to/sd15", subfolder="unet")`` reads a pipeline folder as
+        written by diffusers' ``save_pretrained``; without ``subfolder`` ``folder`` is the UNet's own folder.
+        Weights are read with safetensors only (``diffusion_pytorch_model[.variant].safetensors``, or the
+        shards listed in ``diffusion_pytorch_model.safetensors.index[.variant].json``); nothing is unpickled.
+
+        Args:
+            folder: a local folder.
+            subfolder: the UNet's folder inside ``folder`` (``"unet"`` in a pipeline folder).
+            variant: the weights' variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``), named
+                as diffusers' ``save_pretrained(variant=...)`` names it.
+            device, dtype: where and in which dtype the parameters end up.
+
+        Raises:
+            FileNotFoundError: no such folder, no ``config.json``, or no safetensors weights (the message says
+                when only pickled ``.bin`` weights are there).
+            ValueError: a config this UNet does not implement (the message names the config key and value), or
+                weights that do not fit the config (missing, unexpected or misshapen tensors, named).
+        """
+        from safetensors.torch import load_file
+
+        root = Path(folder) / subfolder if subfolder else Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{str(root)!r} is not a folder (folder={str(folder)!r}, subfolder={subfolder!r})")
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{str(root)!r} has no config.json: not a diffusers model folder")
+        with open(config_path) as f:
+            raw = json.load(f)
+        try:
+            config = UNetConfig.from_diffusers(_supported_diffusers_unet_config(raw))
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        files = _safetensors_files(root, variant)
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(load_file(str(file), device=str(device)))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        misshapen = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
+                     if k in state and tuple(state[k].shape) != expected[k]]
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+            if names:
+                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                raise ValueError(f"{root}: the weights do not fit the config: {len(names)} {what} tensor(s): "
+                                 f"{', '.join(names[:5])}{more}")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
     def set_backend(self, backend: Optional[str] = None, *, group_norm: Optional[str] = None,
                     attention: Optional[str] = None) -> UNet2DConditionModel:
         """Choose the ops' backends: ``backend`` for both, or per op.
@@ -459,3 +519,78 @@ class UNet2DConditionModel(nn.Module):
             x = block(x, mine, temb, ctx, size)
         x = self.conv_out(self.conv_norm_out(x))
         return x.to(sample.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading diffusers folders
+# ----------------------------------------------------------------------------------------------------------
+
+# diffusers UNet2DConditionModel config keys that UNetConfig.from_diffusers reads or checks itself.
+_DIFFUSERS_MAPPED = frozenset({
+    "sample_size", "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+    "layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim", "norm_num_groups",
+    "norm_eps", "flip_sin_to_cos", "freq_shift", "transformer_layers_per_block", "use_linear_projection",
+    "class_embed_type", "addition_embed_type", "mid_block_type", "time_embedding_type", "resnet_time_scale_shift",
+    "only_cross_attention", "dual_cross_attention", "upcast_attention", "center_input_sample", "encoder_hid_dim",
+    "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel", "act_fn",
+})
+# The other keys, with the values this UNet implements (what diffusers does when the key is at its default).
+_DIFFUSERS_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "downsample_padding": (1,), "mid_block_scale_factor": (1, 1.0), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "cross_attention_norm": (None,), "num_class_embeds": (None,), "encoder_hid_dim_type": (None,),
+    "reverse_transformer_layers_per_block": (None,), "mid_block_only_cross_attention": (None, False),
+}
+# Keys that only matter together with an option that is checked elsewhere (dropout: inference only).
+_DIFFUSERS_IRRELEVANT = frozenset({"dropout", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                                   "addition_embed_type_num_heads"})
+
+
+def _supported_diffusers_unet_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a diffusers ``config.json``) without its ``_`` metadata, after checking that every key is one this
+    UNet implements at that value; ValueError naming each key that is not."""
+    name = raw.get("_class_name", "UNet2DConditionModel")
+    if name != "UNet2DConditionModel":
+        raise ValueError(f"_class_name={name!r}: this folder holds a {name}, not a UNet2DConditionModel")
+    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    problems = []
+    for key, value in config.items():
+        if key in _DIFFUSERS_MAPPED or key in _DIFFUSERS_IRRELEVANT:
+            continue
+        allowed = _DIFFUSERS_NEUTRAL.get(key)
+        if allowed is None:
+            problems.append(f"{key}={value!r} (a key this UNet does not know)")
+        elif value not in allowed:
+            problems.append(f"{key}={value!r} (supported: {' or '.join(map(repr, allowed))})")
+    if problems:
+        raise ValueError(f"diffusers config not supported by diffusion_fast's UNet: {'; '.join(problems)}")
+    return config
+
+
+def _safetensors_files(root: Path, variant: Optional[str]) -> list[Path]:
+    """The safetensors file(s) of a diffusers model folder: one file, or the shards its index lists."""
+    def named(name: str) -> Path:  # diffusers puts the variant before the last suffix
+        if variant:
+            head, _, tail = name.rpartition(".")
+            name = f"{head}.{variant}.{tail}"
+        return root / name
+
+    single = named("diffusion_pytorch_model.safetensors")
+    if single.is_file():
+        return [single]
+    index = named("diffusion_pytorch_model.safetensors.index.json")
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [root / s for s in shards]
+        for file in files:
+            if file.parent != root or not file.is_file():
+                raise FileNotFoundError(f"{index} lists shard {file.name!r}, which is not in {str(root)!r}")
+        return files
+    pickled = sorted(p.name for p in root.glob("*.bin"))
+    if pickled:
+        raise FileNotFoundError(f"{str(root)!r} has only pickled weights ({', '.join(pickled)}); diffusion_fast "
+                                "reads safetensors only and never unpickles: re-save the model with diffusers' "
+                                "save_pretrained(..., safe_serialization=True)")
+    raise FileNotFoundError(f"{str(root)!r} has no {single.name} (nor {index.name})")

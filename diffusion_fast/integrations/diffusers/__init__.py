@@ -2,15 +2,19 @@
 
 * :class:`Scheduler` (``scheduler.py``) — a diffusers ``SchedulerMixin`` + ``ConfigMixin`` backed by
   diffusion_fast's samplers: ``pipe.scheduler = Scheduler.from_config(pipe.scheduler, sampler="dpmpp_2m")``.
-* :func:`optimize` / :func:`unoptimize` (``optimize.py``) — patch a pipeline in place so its attention and
-  GroupNorm+SiLU run through :mod:`diffusion_fast.ops`, and restore it exactly.
+* :func:`optimize` / :func:`unoptimize` (``patch.py``) — patch a pipeline in place so its attention and
+  GroupNorm+SiLU run through :mod:`diffusion_fast.ops`, and restore it exactly; :func:`report` /
+  :func:`format_report` list each attention module and ResNet block with what runs it (or why stock code does).
 
 Importing :mod:`diffusion_fast` never imports diffusers; this package does, on first use of a name.
 """
 
 from __future__ import annotations
 
-_EXPORTS = {"Scheduler": "scheduler", "optimize": "optimize", "unoptimize": "optimize"}
+# optimize & co. live in patch.py, not optimize.py: the import system binds a loaded submodule to its parent's
+# attribute of the same name, which would shadow the function ``optimize`` with the module.
+_EXPORTS = {"Scheduler": "scheduler", "optimize": "patch", "unoptimize": "patch", "report": "patch",
+            "format_report": "patch"}
 
 
 def __getattr__(name: str):
