@@ -6,7 +6,8 @@ The judge is the scikit-learn SVC (RBF kernel, gamma="scale", C=10) that ``evalu
 fits on a fixed stratified 70% of scikit-learn's real 8x8 digits. Its parameters (support vectors, dual
 coefficients, intercepts, gamma, the class of every support vector) are written as float64/int64 tensors;
 ``diffusion_fast.judge.DigitsJudge`` evaluates them in torch, so ``diffusion-fast explain`` needs neither
-scikit-learn nor pickle at run time. Deterministic: the split is fixed and the SVC fit has no randomness.
+scikit-learn nor pickle at run time. Deterministic: the split is fixed and the SVC fit has no randomness,
+so a rerun writes the same tensors (safetensors may order the metadata keys differently in the header).
 """
 
 from __future__ import annotations
