@@ -559,17 +559,18 @@ class _Page:
             f"guidance and sampler.</dd>"
             f"<dt>Model</dt><dd><code>{_e(cfg.get('name', 'digits'))}</code>: a text-conditional UNet and a "
             f"small prompt transformer, {params / 1e6:.2f} million parameters in all, trained on "
-            f"{_e(tr.get('data', 'handwritten digits'))} to predict <code>{_e(pipe.prediction)}</code>. Noise "
-            f"levels follow a Karras schedule from σ = {pipe.sigma_max:g} down to {pipe.sigma_min:g}, then 0. "
+            f"{_e(tr.get('data', 'handwritten digits'))}; the network's output is a "
+            f"<code>{_e(pipe.prediction)}</code>. Noise levels follow a Karras schedule from σ = "
+            f"{pipe.sigma_max:g} down to {pipe.sigma_min:g}, then 0. "
             f"Defaults: {ex.steps} steps, guidance {ex.guidance:g}.</dd>"
-            f"<dt>Sampler</dt><dd><code>{_e(ex.sampler)}</code> — {_e(DESCRIPTIONS.get(ex.sampler, ''))} "
-            f"(sections 1–4; section 5 uses each).</dd>"
+            f"<dt>Sampler</dt><dd><code>{_e(ex.sampler)}</code> in sections 1–4 (section 5 compares all "
+            f"{len(SAMPLERS)}): {_e(DESCRIPTIONS.get(ex.sampler, ''))}</dd>"
             f"<dt>Judge</dt><dd>A support-vector classifier trained on 70% of the same real digits and never on "
             f"generated ones, shipped with the package ({_e(ex.judge.metadata.get('recipe', ''))}){held_txt}."
             f"</dd>"
             f"<dt>Versions</dt><dd>{_e(versions)}</dd>"
-            f"<dt>Made</dt><dd>in {seconds:.1f} s by {len(self.results)} calls of the pipeline; every "
-            f"picture on this page was drawn by the model during that run.</dd></dl></section>")
+            f"<dt>Made</dt><dd>in {seconds:.1f} s (wall clock, on this machine) by {len(self.results)} calls of "
+            f"the pipeline; every picture on this page was drawn by the model during that run.</dd></dl></section>")
 
     def render(self, command: str, seconds: float) -> str:
         ex = self.ex
