@@ -1,6 +1,7 @@
 """``diffusion-fast``: generate images, list samplers, show what runs here, benchmark.
 
     diffusion-fast generate "a handwritten seven" --seed 7 -o seven.png [--strip strip.png]
+    diffusion-fast explain "a handwritten seven" -o explain.html [--gif steps.gif]
     diffusion-fast samplers
     diffusion-fast info
     diffusion-fast bench ...          (see ``diffusion-fast bench --help``)
@@ -96,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads for torch (default 1: the digits model is too small to gain from more)")
 
+    e = sub.add_parser("explain", help="one HTML page that shows how diffusion works, from real runs",
+                       description="Write one self-contained HTML page (inline images, no script, no network) that "
+                       "shows the embedded digits model at work: noise to image step by step, guidance, steps, "
+                       "seeds and every sampler, all made by this call.")
+    e.add_argument("prompt", help='e.g. "a handwritten seven"')
+    e.add_argument("-o", "--output", default="explain.html", help="the page (default explain.html)")
+    e.add_argument("--seed", type=_nonneg_int, default=0, help="the seed of every picture (default 0)")
+    e.add_argument("--sampler", default=None, help="sampler of sections 1-4 (default: the model's, dpmpp_2m)")
+    e.add_argument("--gif", default=None, help="also write the step-by-step animation as a GIF")
+    e.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+
     sub.add_parser("samplers", help="list the samplers", description="List the samplers, one line each.")
     sub.add_parser("info", help="versions and which backends run here",
                    description="Versions, and for each op which backends are usable here (and why not).")
@@ -103,14 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(option: str, path: str) -> None:
-    """Fail before any work when ``path`` cannot be written (opened for append, then left as it was)."""
-    from PIL import Image
-
+def _check_writable(option: str, path: str, extensions: Optional[Sequence[str]] = None) -> None:
+    """Fail before any work when ``path`` cannot be written (opened for append, then left as it was).
+    ``extensions``: the accepted file name endings (default: any image type Pillow writes)."""
     ext = os.path.splitext(path)[1].lower()
-    Image.init()
-    if ext not in Image.EXTENSION:
-        raise UsageError(f"{option} {path!r}: unknown image type {ext or '(no extension)'!r}; use .png")
+    if extensions is None:
+        from PIL import Image
+
+        Image.init()
+        if ext not in Image.EXTENSION:
+            raise UsageError(f"{option} {path!r}: unknown image type {ext or '(no extension)'!r}; use .png")
+    elif ext not in extensions:
+        raise UsageError(f"{option} {path!r}: unknown file type {ext or '(no extension)'!r}; use "
+                         f"{' or '.join(extensions)}")
     if os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is a directory")
     parent = os.path.dirname(os.path.abspath(path))
@@ -200,6 +219,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    _check_writable("-o", args.output, (".html", ".htm"))
+    if args.gif is not None:
+        _check_writable("--gif", args.gif, (".gif",))
+
+    import torch
+
+    from .explain import Explainer, command_line, write_atomic
+
+    torch.set_num_threads(args.threads)
+    try:  # checks the prompt's words, the sampler and the seed before any work
+        explainer = Explainer(args.prompt, seed=args.seed, sampler=args.sampler)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    command = command_line(args.prompt, seed=args.seed, sampler=explainer.sampler, output=args.output,
+                           gif=args.gif, threads=args.threads)
+    page = explainer.run(progress=args.progress, command=command)
+    for option, path, data in (("-o", args.output, page.html.encode("utf-8")), ("--gif", args.gif, page.gif)):
+        if path is not None:
+            try:
+                write_atomic(path, data)
+            except OSError as exc:
+                raise UsageError(f"{option} {path!r}: cannot write: {exc}") from None
+    print(f"wrote {args.output}: {page.pictures} pictures from {page.runs} runs of the model in "
+          f"{page.seconds:.1f} s")
+    if args.gif is not None:
+        print(f"wrote {args.gif}: the picture developing step by step")
+    return 0
+
+
 def cmd_samplers(args: argparse.Namespace) -> int:
     from .samplers.tables import DESCRIPTIONS, SAMPLERS
 
@@ -268,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line (or the help)
         return 0 if exc.code in (0, None) else 2
-    commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info}
+    commands = {"generate": cmd_generate, "explain": cmd_explain, "samplers": cmd_samplers, "info": cmd_info}
     try:
         return commands[args.cmd](args)
     except UsageError as exc:
