@@ -615,6 +615,35 @@ def _sd_fused(pipe, sched, i2i: bool, eta: float | None = None, steps: int = STE
     return sched.state_to_latents(out)
 
 
+@pytest.mark.parametrize("cfg,sampler", [
+    ({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading", "steps_offset": 1}, "euler"),
+    ({"_class_name": "DDIMScheduler", "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}, "ddim"),
+])
+def test_readme_sampling_example_walks_the_diffusers_trajectory(sd15, cfg, sampler):
+    """The README's example 3 (from_diffusers_config + sample with a diffusers UNet), against the stock pipeline:
+    it starts from init_noise_sigma (not sigmas[0]) and ends where diffusers ends (DDIM's final alpha)."""
+    from diffusion_fast.schedules import from_diffusers_config
+
+    cfg = {**cfg, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    pipe = sd15["txt"]
+    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    ref = pipe(prompt="a red cat", num_inference_steps=STEPS, output_type="latent", guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0), height=16, width=16).images
+    text_emb, empty_emb = pipe.encode_prompt("a red cat", "cpu", 1, True, None)
+    unet = pipe.unet
+
+    sched = from_diffusers_config(cfg, steps=STEPS)
+    x = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    eps = lambda x, s, c: unet(x, sched.sigma_to_timestep(s), encoder_hidden_states=c).sample  # noqa: E731
+    out = df.sample(eps, x, sched.sigmas, sampler, prediction=sched.prediction_type, guidance_scale=7.5,
+                    cond=text_emb, uncond=empty_emb)
+
+    if sched.latent_space == "vp":  # DDIM holds unit-variance latents: the state over sqrt(sigma^2 + 1)
+        out = out / math.sqrt(sched.final_sigma**2 + 1)
+    assert sched.final_sigma > 0 if sampler == "ddim" else sched.final_sigma == 0
+    assert rel(out, ref) <= RTOL, rel(out, ref)
+
+
 SD_PAIRS = [(s, m.cls, {}) for s, m in METHODS.items() if s != "dpmpp_3m_sde"] + [
     ("dpmpp_3m_sde", "DPMSolverMultistepScheduler", {"solver_order": 3, "solver_type": "heun"}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

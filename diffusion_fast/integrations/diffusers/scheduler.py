@@ -159,14 +159,16 @@ def _class_defaults(cls: str) -> dict:
             and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty}
 
 
-def _convert(cfg: Mapping, target: str) -> dict:
+def _convert(cfg: Mapping, target: str) -> tuple[dict, set]:
     """``cfg`` as ``target.from_config(cfg).config`` holds it: keys the source filled with its defaults give way to
-    the target's defaults; keys the target does not take stay (pipelines read some, e.g. ``base_shift``)."""
+    the target's defaults; keys the target does not take stay (pipelines read some, e.g. ``base_shift``).
+    Returns the config and the keys that hold the target's defaults."""
     defaults = set(cfg.get("_use_default_values") or ())
     given = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in defaults and k not in _OUR_KEYS}
     out = _class_defaults(target)
+    filled = set(out) - set(given)
     out.update(given)
-    return out
+    return out, filled
 
 
 _DDIM, _DPM, _UNIPC, _HEUN = "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", \
@@ -335,12 +337,12 @@ class Scheduler(SchedulerMixin, ConfigMixin):
             cfg = {k: v for k, v in cfg.items() if k not in _OUR_KEYS}
         flow = source in _FLOW_CLASSES
         if sampler is None:
-            sampler, derived = _default_sampler(source, _convert(cfg, source) if source else cfg)
+            sampler, derived = _default_sampler(source, _convert(cfg, source)[0] if source else cfg)
             sampler_options = {**derived, **sampler_options}
         elif sampler not in METHODS:
             raise ValueError(f"sampler must be one of {', '.join(sorted(METHODS))}; got {sampler!r}")
         target = _FLOW_RULES if flow else METHODS[sampler].cls
-        effective = _convert(cfg, target)
+        effective, filled = _convert(cfg, target)
         if target == _UNIPC:  # UniPC's own mapping of DPM-Solver's solver types
             if effective.get("solver_type") in ("midpoint", "heun", "logrho"):
                 effective["solver_type"] = "bh2"
@@ -350,8 +352,13 @@ class Scheduler(SchedulerMixin, ConfigMixin):
                 and effective.get("solver_type") in ("midpoint", "heun"):
             sampler_options = {**sampler_options, "solver_type": effective["solver_type"]}
         if not flow:
-            effective.update(_forced_keys(sampler, {**OPTIONS[sampler], **sampler_options}))
-        scheduler = cls(schedule_class=target, sampler=sampler, sampler_options=sampler_options, **effective)
+            forced = _forced_keys(sampler, {**OPTIONS[sampler], **sampler_options})
+            effective.update(forced)
+            filled -= set(forced)
+        # As diffusers' own configs, the keys holding class defaults are listed, so that converting this config to
+        # another class gives that class's defaults there (saving drops the list, as diffusers does).
+        scheduler = cls(schedule_class=target, sampler=sampler, sampler_options=sampler_options,
+                        _use_default_values=sorted(filled), **effective)
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
     def _build_schedule(self, steps: int | None, *, mu: float | None = None, timesteps: Any = None,
