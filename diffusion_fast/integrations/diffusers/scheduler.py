@@ -281,6 +281,8 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         self._schedule_config = dict(config)
         self._schedule: Schedule | None = None
         self._layout: _Layout | None = None
+        self._device: torch.device | None = None
+        self._row_cache: dict = {}
         self.timesteps = None
         self.sigmas = None
         self.num_inference_steps = None
@@ -399,6 +401,8 @@ class Scheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index must be a multiple of order={self.order} (the start of a step), "
                              f"got {begin_index}")
         self._begin_index = int(begin_index)
+        if self._schedule is not None and self._device is not None:
+            self._prepare_rows(self._begin_index, self._step_eta(None), self._device)  # upload before the loop
 
     @property
     def init_noise_sigma(self) -> float | torch.Tensor:
@@ -454,9 +458,12 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = self._stock_sigmas(layout.sigmas)
         self._row_sigma32 = torch.as_tensor(self._eval_sigmas, dtype=torch.float32)
         self._t_tables = {}
-        if device is not None:
-            self._timestep_table(torch.device(device))
+        self._row_cache = {}
         self._reset()
+        self._device = None if device is None else torch.device(device)
+        if self._device is not None:  # the device tables go up now, not inside the denoising loop
+            self._timestep_table(self._device)
+            self._prepare_rows(0, self._step_eta(None), self._device)
 
     def _reset(self) -> None:
         self._step_index = None
@@ -642,6 +649,23 @@ class Scheduler(SchedulerMixin, ConfigMixin):
             return plan
         return replace(plan, coef=coef, slots=slots, noise=coef[:, AZ] != 0.0)
 
+    def _step_eta(self, eta: float | None) -> float | None:
+        """The eta a step runs with: DDIM's per-call argument (else the configured one); None for the others."""
+        if self.sampler != "ddim":
+            return None
+        return float(self._options["eta"] if eta is None else eta)
+
+    def _prepare_rows(self, first: int, eta: float | None, device: torch.device) -> _Rows:
+        key = (first, eta, str(device))
+        rows = self._row_cache.get(key)
+        if rows is None:
+            coef, slots, K = self._host_rows(first, eta)
+            rows = self._row_cache[key] = _Rows(
+                coef=torch.as_tensor(coef, dtype=torch.float32).to(device),
+                slots=torch.as_tensor(slots, dtype=torch.int64).to(device), K=K, noisy=coef[:, AZ] != 0.0,
+                slot_d=slots[:, 0].copy(), first=first, eta=eta, device=torch.device(device))
+        return rows
+
     def _draws_noise(self, eta: float | None) -> bool:
         if self._method.noise is None:
             return False
@@ -689,18 +713,15 @@ class Scheduler(SchedulerMixin, ConfigMixin):
                              "the same shape")
         if self._step_index is None:
             self._init_step_index(timestep)
-        eta = float(eta) if (eta is not None and self.sampler == "ddim") else None
+        eta = self._step_eta(eta)
         rows = self._rows
-        if rows is None:  # the first step of a run: build its rows and history
+        if rows is None:  # the first step of a run: its rows (uploaded by set_timesteps / set_begin_index when
+            #               they were given the device) and a zeroed history
             if self._step_index % self.order:
                 raise ValueError(f"the run starts at step index {self._step_index}, inside a two-evaluation step "
                                  f"(order {self.order}); start at a multiple of {self.order}")
-            coef, slots, K = self._host_rows(self._step_index, eta)
-            rows = self._rows = _Rows(coef=torch.as_tensor(coef, dtype=torch.float32).to(sample.device),
-                                      slots=torch.as_tensor(slots, dtype=torch.int64).to(sample.device), K=K,
-                                      noisy=coef[:, AZ] != 0.0, slot_d=slots[:, 0].copy(), first=self._step_index,
-                                      eta=eta, device=sample.device)
-            self._hist = torch.zeros((K, *sample.shape), dtype=torch.float32, device=sample.device)
+            rows = self._rows = self._prepare_rows(self._step_index, eta, sample.device)
+            self._hist = torch.zeros((rows.K, *sample.shape), dtype=torch.float32, device=sample.device)
         elif rows.eta != eta or rows.device != sample.device:
             raise ValueError(f"step() got eta={eta} on {sample.device} in a run that started with eta={rows.eta} on "
                              f"{rows.device}; call set_timesteps to start a new run")
