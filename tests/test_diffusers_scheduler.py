@@ -150,6 +150,9 @@ STEP_PAIRS = [
     ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
     ("UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
     ("UniPCMultistepScheduler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0,
+                                     "prediction_type": "flow_prediction"}),
 ]
 
 
@@ -504,6 +507,11 @@ BAD_FROM_CONFIG = [
     (lambda: Scheduler.from_config({**SD, "_class_name": "EulerDiscreteScheduler", "beta_schedule": "cosine"}),
      ValueError, ["config['beta_schedule'] = 'cosine'"]),
     (lambda: Scheduler.from_config([1, 2]), TypeError, ["config must be a diffusers scheduler or a config dict"]),
+    (lambda: Scheduler.from_config({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+                                    "prediction_type": "flow_prediction"}, sampler="euler"), ValueError,
+     ["config['prediction_type'] = 'flow_prediction' (a flow velocity) needs flow sigmas"]),
+    (lambda: Scheduler.from_config({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True}), ValueError,
+     ["config['use_flow_sigmas'] = True needs prediction_type='flow_prediction'"]),
 ]
 
 
