@@ -179,6 +179,23 @@ def test_steps_match_the_stock_class(cls, kw):
         assert float(ours.init_noise_sigma) == float(stock.init_noise_sigma)
 
 
+@pytest.mark.parametrize("cls,kw", [
+    ("EulerDiscreteScheduler", {"timesteps": [999, 800, 640.5, 250, 10]}),
+    ("EulerDiscreteScheduler", {"sigmas": [14.0, 5.0, 1.25, 0.3, 0.0]}),
+    ("EulerDiscreteScheduler", {"sigmas": [10.0, 2.0, 0.5, 0.05]}),
+    ("HeunDiscreteScheduler", {"timesteps": [999, 700, 400, 100]}),
+    ("DPMSolverMultistepScheduler", {"timesteps": [999, 750, 500, 250, 50]}),
+], ids=lambda v: v if isinstance(v, str) else next(iter(v)))
+def test_custom_timesteps_and_sigmas_as_the_stock_class(cls, kw):
+    stock = getattr(diffusers, cls).from_config(SD)
+    ours = Scheduler.from_config(stock)
+    ref = trajectory(stock, None, **kw)
+    assert_same_trajectory(trajectory(ours, None, **kw), ref, f"{cls} {kw}")
+    np.testing.assert_array_equal(ours.timesteps.numpy(), stock.timesteps.numpy())
+    args = ours.sampling_args()  # sample() over the same custom schedule
+    assert args["sigmas"][-1].item() == pytest.approx(float(stock.sigmas[-1]), rel=1e-7)
+
+
 def test_euler_with_zero_terminal_snr_is_within_the_stock_rounding():
     # Zero terminal SNR starts Euler's state at sigma 4096: float32 rounding of that state (ulp 2.4e-4 x |z|)
     # dominates both implementations. Both are compared with a float64 transcription of diffusers' update.

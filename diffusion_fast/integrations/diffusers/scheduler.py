@@ -471,6 +471,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         self._device = None if device is None else torch.device(device)
         if self._device is not None:  # the device tables go up now, not inside the denoising loop
             self._timestep_table(self._device)
+            schedule.sigma_to_timestep(torch.ones(1, device=self._device))  # caches its log-sigma table there
             self._prepare_rows(0, self._step_eta(None), self._device)
 
     def _reset(self) -> None:
