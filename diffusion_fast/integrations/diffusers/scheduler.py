@@ -130,9 +130,13 @@ def _default_sampler(cls: str | None, cfg: Mapping) -> tuple[str, dict]:
         return "unipc", {"order": cfg.get("solver_order", 2), "variant": cfg.get("solver_type", "bh2")}
     if cls in _SIMPLE_DEFAULTS:
         return _SIMPLE_DEFAULTS[cls], {}
-    named = f"{cls}" if cls else "a config without '_class_name'"
-    raise ValueError(f"{named} has no matching sampler here (PNDMScheduler's PLMS, for one); its noise schedule "
-                     f"is used as is: pass sampler=, one of {', '.join(sorted(METHODS))}")
+    choices = ", ".join(sorted(METHODS))
+    if not cls:
+        raise ValueError("a config without '_class_name' (a live scheduler's .config carries none) names no method: "
+                         "pass the scheduler object itself (Scheduler.from_config(pipe.scheduler)) or sampler=, one "
+                         f"of {choices}")
+    raise ValueError(f"{cls} has no matching sampler here; its noise schedule (betas, steps_offset, prediction_type, "
+                     f"...) is used as is: pass sampler=, one of {choices}")
 
 
 def _forced_keys(sampler: str, options: Mapping) -> dict:
