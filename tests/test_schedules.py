@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion_fast import samplers as df_samplers
 from diffusion_fast import schedules
+from diffusion_fast.schedules import SCHEDULER_CLASSES
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -69,8 +70,7 @@ def reference(sched, cls: str, steps: int, mu: float | None = None):
 
 
 def assert_sigmas_match(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    ref = ref.double().clone()
-    ref[-1] = 0.0  # ours always end in 0; final_sigma carries diffusers' own end (checked elsewhere)
+    ref = ref.double()
     assert ours.dtype == torch.float64 and ours.device.type == "cpu", what
     assert ours.shape == ref.shape, f"{what}: {tuple(ours.shape)} sigmas, diffusers has {tuple(ref.shape)}"
     finite = torch.isfinite(ref)
@@ -92,23 +92,30 @@ def assert_timesteps_match(ours: torch.Tensor, ref: torch.Tensor, what: str) -> 
 
 def assert_schedule_shape(s: schedules.Schedule, steps: int) -> None:
     assert s.sigmas.shape == (steps + 1,) and s.timesteps.shape == (steps,)
-    assert s.sigmas[-1].item() == 0.0
+    assert s.sigmas[-1].item() == s.final_sigma
     assert bool((s.sigmas[1:] < s.sigmas[:-1]).all()), f"sigmas not strictly decreasing: {s.sigmas}"
 
 
 def check_against_diffusers(cfg: dict, steps_list=STEPS, mu: float | None = None, sched=None) -> None:
     cls = cfg.get("_class_name", "EulerDiscreteScheduler")
+    cfg = {"_class_name": cls, **cfg}
     if sched is None:
         sched = getattr(diffusers, cls).from_config(cfg)
     for steps in steps_list:
         what = f"{cfg} steps={steps}"
         ref_sigmas, ref_ts = reference(sched, cls, steps, mu)
+        if len(ref_sigmas) > 1 and ref_sigmas[-1] > 0 and ref_sigmas[-1] == ref_sigmas[-2]:
+            # a zero-length final step (Karras sigmas down to sigma_min, then sigma_min): left out
+            if steps == 1:
+                with pytest.raises(ValueError, match="one step, of length zero"):
+                    schedules.from_diffusers_config(cfg, steps, mu=mu)
+                continue
+            ref_sigmas, ref_ts = ref_sigmas[:-1], ref_ts[:-1]
         ours = schedules.from_diffusers_config(cfg, steps, mu=mu)
         assert_sigmas_match(ours.sigmas, ref_sigmas, what)
         assert_timesteps_match(ours.timesteps, ref_ts, what)
-        expected = ref_sigmas[-1].item()
-        assert ours.final_sigma == pytest.approx(expected, rel=F32_RTOL, abs=0), what
-        assert_schedule_shape(ours, steps)
+        assert ours.final_sigma == ours.sigmas[-1].item(), what
+        assert_schedule_shape(ours, len(ref_ts))
         want_dtype = torch.int64 if cls in INT_TIMESTEP_CLASSES else torch.float32
         assert ours.timesteps.dtype == want_dtype, what
         # diffusers' own dtype is the same, except KDPM2's float64 for Karras / exponential sigmas
@@ -262,6 +269,7 @@ def test_reconfigured_reference_equals_a_fresh_one():
 # One config per feature beyond the grid: zero terminal SNR, exponential sigmas, config sigma range,
 # final_sigmas_type, continuous timesteps, lambda clipping, Lu lambdas, flow sigmas, trained betas, ...
 _SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+_EULER = {"_class_name": "EulerDiscreteScheduler"}
 FEATURES = (
     [{"_class_name": c, **_SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
       "prediction_type": "v_prediction"}
@@ -311,6 +319,12 @@ FEATURES = (
 )
 
 
+FEATURES += [{"_class_name": c, **_SD, "use_beta_sigmas": True} for c in KARRAS_CLASSES] + [
+    {"_class_name": "EulerDiscreteScheduler", **_SD, "use_beta_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
+    {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_beta_sigmas": True},
+]
+
+
 @pytest.mark.parametrize("cfg", FEATURES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_matches_diffusers_features(cfg):
     check_against_diffusers(cfg)
@@ -333,6 +347,96 @@ def test_matches_diffusers_shifted_flow(cfg, mu):
     check_against_diffusers(cfg, STEPS[1:], mu=mu)
 
 
+@pytest.mark.parametrize("cls", SCHEDULER_CLASSES)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_init_noise_sigma_is_the_start_diffusers_takes(cls, spacing):
+    flow = cls.startswith("FlowMatch")
+    cfg = {"_class_name": cls, **({} if flow else {**_SD, "timestep_spacing": spacing, "steps_offset": 1})}
+    sched = getattr(diffusers, cls).from_config(cfg)
+    for steps in (1, 9, 30):
+        sched.set_timesteps(steps)
+        ours = schedules.from_diffusers_config(cfg, steps)
+        if flow:  # FlowMatchEuler has no init_noise_sigma: the pipelines start from unit noise
+            assert ours.latent_space == "flow" and ours.init_noise_sigma == 1.0
+        elif cls in INT_TIMESTEP_CLASSES:  # unit-variance latents z, which are z * sqrt(sigma0^2 + 1) here
+            assert ours.latent_space == "vp" and float(sched.init_noise_sigma) == 1.0
+            assert ours.init_noise_sigma == math.sqrt(ours.sigmas[0].item() ** 2 + 1)
+        else:  # the sampler's state is diffusers' latents: the same float32 number
+            assert ours.latent_space == "ve"
+            assert ours.init_noise_sigma == float(sched.init_noise_sigma), (cls, spacing, steps)
+
+
+def _custom_reference(cls: str, cfg: dict, **kw):
+    sched = getattr(diffusers, cls).from_config(cfg)
+    sched.set_timesteps(**kw)
+    return reference_layout(sched, cls)
+
+
+def reference_layout(sched, cls):
+    sig, ts = sched.sigmas, sched.timesteps
+    if cls == "HeunDiscreteScheduler":
+        return torch.cat([sig[0::2], sig[-1:]]), ts[0::2]
+    return sig, ts
+
+
+CUSTOM = [
+    ("EulerDiscreteScheduler", {**_SD}, {"timesteps": [999, 800, 640.5, 250, 10]}),
+    ("EulerDiscreteScheduler", {**_SD, "final_sigmas_type": "sigma_min"}, {"timesteps": [999, 500, 10]}),
+    ("EulerDiscreteScheduler", {**_SD}, {"sigmas": [14.0, 5.0, 1.25, 0.3, 0.0]}),
+    ("EulerDiscreteScheduler", {**_SD}, {"sigmas": [10.0, 2.0, 0.5, 0.05]}),
+    ("EulerDiscreteScheduler", {**_SD, "timestep_type": "continuous", "prediction_type": "v_prediction"},
+     {"sigmas": [14.0, 5.0, 1.25, 0.3, 0.0]}),
+    ("HeunDiscreteScheduler", {**_SD}, {"timesteps": [999, 700, 400, 100]}),
+    ("DPMSolverMultistepScheduler", {**_SD}, {"timesteps": [999, 750, 500, 250, 50]}),
+    ("DPMSolverMultistepScheduler", {**_SD, "final_sigmas_type": "sigma_min"}, {"timesteps": [901, 601, 301]}),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+     {"sigmas": np.linspace(1.0, 0.1, 6)}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {"sigmas": np.linspace(1.0, 1 / 7, 7)}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {"timesteps": [1000.0, 800.0, 450.0, 100.0]}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0},
+     {"timesteps": [1000.0, 800.0, 450.0, 100.0], "sigmas": [1.0, 0.9, 0.5, 0.2]}),
+    ("FlowMatchEulerDiscreteScheduler", {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},
+     {"sigmas": np.linspace(1.0, 1 / 9, 9), "mu": 0.83}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0, "use_karras_sigmas": True},
+     {"sigmas": np.linspace(1.0, 1 / 9, 9)}),
+]
+
+
+@pytest.mark.parametrize("cls,cfg,kw", CUSTOM, ids=lambda v: v if isinstance(v, str) else None)
+def test_custom_timesteps_and_sigmas_match_diffusers(cls, cfg, kw):
+    cfg = {"_class_name": cls, **cfg}
+    ref_sigmas, ref_ts = _custom_reference(cls, cfg, **kw)
+    ours = schedules.from_diffusers_config(cfg, **kw)
+    what = f"{cls} {kw}"
+    assert_sigmas_match(ours.sigmas, ref_sigmas, what)
+    assert_timesteps_match(ours.timesteps, ref_ts, what)  # exactly: custom sigmas map to t in float32, as there
+
+
+BAD_CUSTOM = [
+    ("DDIMScheduler", {}, {"timesteps": [900, 500]}, "timesteps= is not accepted for DDIMScheduler"),
+    ("HeunDiscreteScheduler", {}, {"sigmas": [3.0, 1.0, 0.0]}, "sigmas= is not accepted for HeunDiscreteScheduler"),
+    ("EulerDiscreteScheduler", {}, {"steps": 4, "timesteps": [900, 500]}, "not both"),
+    ("EulerDiscreteScheduler", {}, {"timesteps": [900, 500], "sigmas": [3.0, 1.0, 0.0]}, "only one of"),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {"timesteps": [900, 500]}, "use_karras_sigmas"),
+    ("EulerDiscreteScheduler", {}, {"sigmas": [3.0]}, "steps + 1 values"),
+    ("EulerDiscreteScheduler", {}, {"sigmas": [3.0, 4.0, 0.0]}, "not strictly decreasing"),
+    ("EulerDiscreteScheduler", {}, {"sigmas": [[3.0, 1.0]]}, "1-D"),
+    ("EulerDiscreteScheduler", {}, {"sigmas": [3.0, float("nan"), 0.0]}, "finite"),
+    ("UniPCMultistepScheduler", {}, {"sigmas": [0.9, 0.5]}, "use_flow_sigmas"),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, {"timesteps": [900, 500]}, "use_lu_lambdas"),
+    ("FlowMatchEulerDiscreteScheduler", {}, {"steps": 3, "sigmas": [0.9, 0.5]}, "steps = 3 but 2 custom"),
+    ("FlowMatchEulerDiscreteScheduler", {}, {"timesteps": [900.0], "sigmas": [0.9, 0.5]}, "same length"),
+    ("EulerDiscreteScheduler", {}, {}, "steps is required"),
+]
+
+
+@pytest.mark.parametrize("cls,cfg,kw,message", BAD_CUSTOM)
+def test_bad_custom_schedules_are_refused(cls, cfg, kw, message):
+    with pytest.raises((ValueError, TypeError)) as info:
+        schedules.from_diffusers_config({"_class_name": cls, **cfg}, **kw)
+    assert message in str(info.value)
+
+
 def test_trained_betas_match_diffusers():
     betas = diffusers.DDPMScheduler(**_SD).betas.tolist()
     for cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
@@ -349,17 +453,70 @@ def test_ddim_zero_terminal_snr_has_finite_first_sigma():
     assert s.sigmas[0].item() == pytest.approx(math.sqrt(2.0**24 - 1), rel=1e-6)
 
 
-def test_no_class_name_uses_euler_rules_and_class_name_overrides():
-    cfg = {**_SD, "timestep_spacing": "leading", "steps_offset": 1, "skip_prk_steps": True}
-    check_against_diffusers(cfg)  # reference() defaults to EulerDiscreteScheduler
-    pndm = {**cfg, "_class_name": "PNDMScheduler"}
-    with pytest.raises(ValueError, match="PNDMScheduler"):
-        schedules.from_diffusers_config(pndm, 20)
-    for cls in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
-        got = schedules.from_diffusers_config(pndm, 20, class_name=cls)
-        want = schedules.from_diffusers_config({**cfg, "_class_name": cls}, 20)
-        assert torch.equal(got.sigmas, want.sigmas) and torch.equal(got.timesteps, want.timesteps)
-        assert got.class_name == cls
+def test_bare_config_without_class_name_is_refused():
+    # A live scheduler's .config has no _class_name: silently applying Euler's rules gave DPM-Solver's
+    # [941, 894, ...] as [951, 901, ...]. Pass the scheduler itself, or name the class.
+    live = diffusers.DPMSolverMultistepScheduler(**_SD, timestep_spacing="leading", steps_offset=1)
+    assert "_class_name" not in live.config
+    with pytest.raises(ValueError) as info:
+        schedules.from_diffusers_config(live.config, 20)
+    for part in ("no '_class_name'", "pass the scheduler object itself", "class_name="):
+        assert part in str(info.value)
+    live.set_timesteps(20)
+    assert live.timesteps[:2].tolist() == [941, 894]
+    for ours in (schedules.from_diffusers_config(live, 20),
+                 schedules.from_diffusers_config(live.config, 20, class_name="DPMSolverMultistepScheduler")):
+        assert_timesteps_match(ours.timesteps, live.timesteps, "DPM-Solver leading")
+        assert_sigmas_match(ours.sigmas, live.sigmas, "DPM-Solver leading")
+        assert ours.class_name == "DPMSolverMultistepScheduler"
+
+
+@pytest.mark.parametrize("cls", SCHEDULER_CLASSES)
+def test_scheduler_objects_are_accepted(cls):
+    cfg = {"num_train_timesteps": 1000} if cls.startswith("FlowMatch") else {**_SD, "steps_offset": 1}
+    sched = getattr(diffusers, cls).from_config(cfg)
+    ref_sigmas, ref_ts = reference(sched, cls, 13)
+    ours = schedules.from_diffusers_config(sched, 13)
+    assert ours.class_name == cls
+    assert_timesteps_match(ours.timesteps, ref_ts, cls)
+    assert_sigmas_match(ours.sigmas, ref_sigmas, cls)
+
+
+SD15_PNDM = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+@pytest.mark.parametrize("cls", [c for c in SCHEDULER_CLASSES if not c.startswith("FlowMatch")])
+def test_pndm_config_maps_to_each_class_as_diffusers_from_config_does(cls):
+    # SD1.5 ships a PNDMScheduler config; diffusers users switch with Cls.from_config(pipe.scheduler.config),
+    # which drops the keys PNDM filled with its defaults (timestep_spacing "leading", prediction_type).
+    with pytest.raises(ValueError) as info:
+        schedules.from_diffusers_config(SD15_PNDM, 20)
+    for part in ("'PNDMScheduler'", "PLMS", "class_name="):
+        assert part in str(info.value)
+    pndm = diffusers.PNDMScheduler.from_config(SD15_PNDM)
+    assert "timestep_spacing" in pndm.config["_use_default_values"]
+    converted = getattr(diffusers, cls).from_config(pndm.config)
+    for steps in (7, 20):
+        ref_sigmas, ref_ts = reference(converted, cls, steps)
+        for source in (pndm, pndm.config, SD15_PNDM):
+            ours = schedules.from_diffusers_config(source, steps, class_name=cls)
+            assert_timesteps_match(ours.timesteps, ref_ts, f"{cls} from {type(source).__name__}")
+            assert_sigmas_match(ours.sigmas, ref_sigmas, f"{cls} from {type(source).__name__}")
+
+
+def test_keys_filled_with_defaults_do_not_carry_over_to_another_class():
+    euler = diffusers.EulerDiscreteScheduler(**_SD)  # timestep_spacing "linspace" by default
+    ddim = diffusers.DDIMScheduler.from_config(euler.config)  # DDIM's own default: "leading"
+    ours = schedules.from_diffusers_config(euler, 10, class_name="DDIMScheduler")
+    ddim.set_timesteps(10)
+    assert_timesteps_match(ours.timesteps, ddim.timesteps, "DDIM from an Euler config")
+    explicit = diffusers.EulerDiscreteScheduler(**_SD, timestep_spacing="linspace")  # given, so it carries
+    ours = schedules.from_diffusers_config(explicit, 10, class_name="DDIMScheduler")
+    ddim = diffusers.DDIMScheduler.from_config(explicit.config)
+    ddim.set_timesteps(10)
+    assert_timesteps_match(ours.timesteps, ddim.timesteps, "DDIM from an explicit linspace config")
 
 
 def test_trailing_spacing_has_exactly_steps_timesteps():
@@ -397,7 +554,7 @@ def test_schedule_fields():
     table = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
     assert s.sigma_min == table[0].item() and s.sigma_max == table[-1].item()
     assert torch.equal(s.train_sigmas, table.double())
-    assert schedules.from_diffusers_config({**_SD}, 5).prediction_type == "epsilon"
+    assert schedules.from_diffusers_config({**_EULER, **_SD}, 5).prediction_type == "epsilon"
     ddim = schedules.from_diffusers_config({"_class_name": "DDIMScheduler", **_SD, "steps_offset": 1}, 10)
     assert ddim.timesteps.tolist() == list(range(901, 0, -100))  # DDIM's default spacing is "leading"
 
@@ -418,7 +575,7 @@ def test_schedule_fields():
 
 @pytest.mark.parametrize("beta", BETAS)
 def test_sigma_to_timestep_matches_diffusers(beta):
-    cfg = {"beta_schedule": beta, "beta_start": 0.00085, "beta_end": 0.012}
+    cfg = {**_EULER, "beta_schedule": beta, "beta_start": 0.00085, "beta_end": 0.012}
     ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
     s = schedules.from_diffusers_config(cfg, 10)
     log_table = np.log((((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5).numpy())
@@ -438,7 +595,7 @@ def test_sigma_to_timestep_matches_diffusers(beta):
 
 
 def test_sigma_to_timestep_keeps_shape():
-    s = schedules.from_diffusers_config({**_SD}, 10)
+    s = schedules.from_diffusers_config({**_EULER, **_SD}, 10)
     x = s.sigmas[:-1].float().reshape(2, 5)
     t = s.sigma_to_timestep(x)
     assert t.shape == (2, 5) and t.dtype == torch.float32
@@ -483,7 +640,8 @@ def test_sigma_to_timestep_round_trips_on_schedule_sigmas(cls, beta, spacing, of
 def test_sigma_to_timestep_flow_and_continuous():
     flow = schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 9)
     torch.testing.assert_close(flow.sigma_to_timestep(flow.sigmas[:-1].float()), flow.timesteps, rtol=0, atol=0)
-    cont = schedules.from_diffusers_config({"timestep_type": "continuous", "prediction_type": "v_prediction"}, 9)
+    cont = schedules.from_diffusers_config({**_EULER, "timestep_type": "continuous",
+                                            "prediction_type": "v_prediction"}, 9)
     assert cont.timestep_type == "continuous"
     torch.testing.assert_close(cont.sigma_to_timestep(cont.sigmas[:-1].float()), cont.timesteps,
                                rtol=0, atol=1e-6)
@@ -504,7 +662,8 @@ def test_sync_guard_catches_item():
         torch.ones(1).item()
 
 
-@pytest.mark.parametrize("cfg", [dict(_SD), {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+@pytest.mark.parametrize("cfg", [{**_EULER, **_SD},
+                                 {**_EULER, "timestep_type": "continuous", "prediction_type": "v_prediction"},
                                  {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}])
 def test_sigma_to_timestep_has_no_host_sync(cfg):
     s = schedules.from_diffusers_config(cfg, 12)
@@ -518,7 +677,7 @@ def test_sigma_to_timestep_has_no_host_sync(cfg):
 
 @pytest.mark.gpu
 def test_sigma_to_timestep_on_cuda_without_sync():
-    s = schedules.from_diffusers_config(dict(_SD, use_karras_sigmas=True), 30)
+    s = schedules.from_diffusers_config(dict(_EULER, **_SD, use_karras_sigmas=True), 30)
     sig = s.sigmas.float().cuda()
     s.sigma_to_timestep(sig)  # table upload
     torch.cuda.synchronize()
@@ -578,7 +737,8 @@ BAD_CONFIG = [
     ({"final_sigmas_type": "one"}, 10, ValueError, ["config['final_sigmas_type'] = 'one'", "'sigma_min'"]),
     ({"timestep_type": "log"}, 10, ValueError, ["config['timestep_type'] = 'log'", "'continuous'"]),
     ({"interpolation_type": "log_linear"}, 10, ValueError, ["config['interpolation_type'] = 'log_linear'"]),
-    ({"use_beta_sigmas": True}, 10, ValueError, ["config['use_beta_sigmas']"]),
+    ({"use_beta_sigmas": True, "use_karras_sigmas": True}, 10, ValueError,
+     ["config['use_karras_sigmas']", "config['use_beta_sigmas']", "choose one"]),
     ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, 10, ValueError,
      ["config['use_karras_sigmas']", "config['use_exponential_sigmas']"]),
     ({"trained_betas": [0.01] * 10}, 10, ValueError, ["config['trained_betas']", "1000"]),
@@ -612,7 +772,7 @@ BAD_CONFIG = [
 @pytest.mark.parametrize("cfg,steps,exc,parts", BAD_CONFIG)
 def test_bad_config_names_the_key_and_value(cfg, steps, exc, parts):
     with pytest.raises(exc) as info:
-        schedules.from_diffusers_config(cfg, steps)
+        schedules.from_diffusers_config({**_EULER, **cfg}, steps)
     for part in parts:
         assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
 
@@ -621,12 +781,12 @@ def test_bad_call_arguments():
     with pytest.raises(TypeError, match="config must be a dict"):
         schedules.from_diffusers_config([("beta_schedule", "linear")], 10)
     with pytest.raises(ValueError, match="mu = 0.5 was given"):
-        schedules.from_diffusers_config({}, 10, mu=0.5)
+        schedules.from_diffusers_config(_EULER, 10, mu=0.5)
     with pytest.raises(ValueError, match="mu = 0.5 was given"):
         schedules.from_diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler"}, 10, mu=0.5)
     with pytest.raises(ValueError, match="class_name = 'Nope' is not a supported"):
-        schedules.from_diffusers_config({}, 10, class_name="Nope")
-    s = schedules.from_diffusers_config({}, 10)
+        schedules.from_diffusers_config(_EULER, 10, class_name="Nope")
+    s = schedules.from_diffusers_config(_EULER, 10)
     with pytest.raises(TypeError, match="sigma must be a torch.Tensor"):
         s.sigma_to_timestep(1.0)
     with pytest.raises(TypeError, match="sigma must be a floating-point tensor"):

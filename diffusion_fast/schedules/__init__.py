@@ -7,9 +7,9 @@ k-diffusion convention: for the discrete DDPM family ``x = x0 + sigma * noise`` 
 
 * :mod:`.formulas` — closed forms: :func:`karras`, :func:`exponential`, :func:`polyexponential`,
   :func:`flow_matching`, and :func:`get` (name lookup for the CLI, names in :data:`SCHEDULES`).
-* :mod:`.diffusers_config` — :func:`from_diffusers_config`: a :class:`Schedule` (sigmas, timesteps,
-  prediction type, the training ``alphas_cumprod`` and a device-side ``sigma_to_timestep``) equal to what
-  diffusers' scheduler computes for the same ``scheduler_config.json`` and step count.
+* :mod:`.diffusers_config` — :func:`from_diffusers_config`: a :class:`Schedule` (sigmas, timesteps, starting
+  noise, prediction type, the training ``alphas_cumprod`` and a device-side ``sigma_to_timestep``) equal to what
+  diffusers' scheduler computes for the same scheduler (or ``scheduler_config.json``) and step count.
 """
 
 from .diffusers_config import PREDICTION_TYPES, SCHEDULER_CLASSES, Schedule, from_diffusers_config
