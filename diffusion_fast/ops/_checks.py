@@ -55,3 +55,62 @@ def same_device(a: torch.device, b: torch.device) -> bool:
         return True
     current = torch.cuda.current_device()
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch; None when empty."""
+    if t.numel() == 0:
+        return None
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return t.untyped_storage().data_ptr(), lo, lo + span * t.element_size()
+
+
+def _addresses(t: torch.Tensor):
+    import numpy as np
+
+    offs = np.zeros((), dtype=np.int64)
+    for n, st in zip(t.shape, t.stride()):
+        offs = np.add.outer(offs, np.arange(n, dtype=np.int64) * st)
+    return t.data_ptr() + offs.reshape(-1) * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share any byte of memory. Reads only sizes, strides and addresses (no values)."""
+    ea, eb = _extent(a), _extent(b)
+    if ea is None or eb is None or ea[0] != eb[0] or ea[2] <= eb[1] or eb[2] <= ea[1]:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    import numpy as np  # strided views whose spans interleave: compare the elements' addresses exactly
+
+    sa, sb = a.element_size(), b.element_size()
+    ra, rb = _addresses(a), _addresses(b)
+    return bool(np.intersect1d(ra, rb).size) if sa == sb == 1 else bool(
+        np.intersect1d((ra[:, None] + np.arange(sa)).reshape(-1), (rb[:, None] + np.arange(sb)).reshape(-1)).size)
+
+
+def check_no_overlap(written: dict[str, torch.Tensor | None], read: dict[str, torch.Tensor | None],
+                     allow: tuple[tuple[str, str], ...] = ()) -> None:
+    """Every written tensor shares no memory with any other tensor given, except the pairs in ``allow`` when
+    they are the very same view (same address, shape, strides and dtype: an in-place update)."""
+    names = list(written) + [n for n in read if n not in written]
+    tensors = {**read, **written}
+    for i, wa in enumerate(written):
+        a = written[wa]
+        if a is None:
+            continue
+        for nb in names:
+            b = tensors[nb]
+            if nb == wa or b is None or (nb in written and names.index(nb) < i):
+                continue
+            if ((wa, nb) in allow or (nb, wa) in allow) and _same_view(a, b):
+                continue
+            if overlaps(a, b):
+                raise ValueError(f"{wa} overlaps {nb} in memory; the op writes {wa}, so it must not share memory "
+                                 f"with {nb}")
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
