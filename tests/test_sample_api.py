@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -191,3 +192,67 @@ def test_sample_on_sigmas_without_final_zero_stops_there():
     out = df.sample(gauss_D, x, sig, "heun")
     exact = MU + (x.double() - MU) * math.sqrt(S2 + 0.25) / math.sqrt(S2 + 100)
     assert (out.double() - exact).abs().max() < 5e-3  # heun, 29 steps: ~1e-3
+
+
+# ------------------------------------------------------------------ accepted that should not be ---
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(model=lambda x, s: torch.cat([x, x])), ValueError, ["model", "[4, 3]", "[2, 3]"]),
+        (dict(model=lambda x, s: x[:, :2]), ValueError, ["model", "[2, 2]", "[2, 3]"]),
+        (dict(model=lambda x, s: x.to(torch.int32)), TypeError, ["model", "int32"]),
+        (dict(sigmas=["3", "1", "0"]), TypeError, ["sigmas", "str"]),
+        (dict(sigmas=np.array(["3", "1", "0"])), TypeError, ["sigmas"]),
+        (dict(sigmas=[3.0, True, 0.0]), TypeError, ["sigmas", "bool"]),
+        (dict(generator=5), TypeError, ["generator", "torch.Generator", "int"]),
+        (dict(guidance_scale=-5.0, cond=torch.ones(2, 1), uncond=torch.ones(2, 1)), ValueError,
+         ["guidance_scale", ">= 0", "-5"]),
+        (dict(guidance_scale=1e300, cond=torch.ones(2, 1), uncond=torch.ones(2, 1)), ValueError,
+         ["guidance_scale", "float32"]),
+        (dict(check_finite="yes"), TypeError, ["check_finite"]),
+    ],
+)
+def test_inputs_that_used_to_be_accepted(kwargs, exc, words):
+    test_bad_arguments_name_what_is_wrong(kwargs, exc, words)
+
+
+# ------------------------------------------------------------------------- never a silent NaN ---
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_refuses_non_finite_x(bad):
+    x = torch.randn(2, 3) * 3
+    x[1, 2] = bad
+    sig = karras(4, 0.05, 3.0)
+    with pytest.raises(ValueError, match="x holds 1 non-finite value"):
+        df.sample(gauss_D, x, sig, "euler", check_finite=True)
+    assert not torch.isfinite(df.sample(gauss_D, x, sig, "euler")).all()  # unchecked: the caller's choice
+
+
+def test_check_finite_reports_a_model_that_returns_nan():
+    sig = karras(4, 0.05, 3.0)
+    x = torch.randn(2, 3) * 3
+
+    def broken(x, s):
+        return torch.where(s.view(-1, 1) < 1.0, x * float("nan"), gauss_D(x, s))
+
+    with pytest.raises(FloatingPointError, match="6 of 6 values.*not finite after the last step"):
+        df.sample(broken, x, sig, "heun", check_finite=True)
+
+
+def test_check_finite_is_one_check_after_the_loop():
+    """The check reads one device value after the last step; the loop itself stays free of syncs."""
+    reads = []
+
+    class Count(NoSync):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in self.FORBIDDEN:
+                reads.append((func._schema.name, len(steps)))
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    steps = []
+    sig = karras(5, 0.05, 10.0)
+    x = torch.randn(2, 4) * 10
+    with Count():
+        df.sample(gauss_D, x, sig, "dpmpp_2m", check_finite=True, callback=steps.append)
+    # one read before the loop (x), one after it (the result); none while steps were being taken
+    assert [n for _, n in reads] == [0, 5], reads

@@ -448,7 +448,7 @@ def build_plan(
     **options,
 ) -> Plan:
     """Build the float64 coefficient table of ``sampler`` for the schedule ``sigmas`` (``[N + 1]``)."""
-    if sampler not in _BUILDERS:
+    if not isinstance(sampler, str) or sampler not in _BUILDERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     allowed = OPTIONS[sampler]
     for k in options:
