@@ -212,3 +212,12 @@ def test_gpu_pipeline_seeds_and_cuda_graph():
     bf = Pipeline.from_pretrained("digits", device="cuda", dtype=torch.bfloat16)
     c = bf(prompts, seed=11, progress=False).samples
     assert torch.isfinite(c).all() and c.shape == a.shape
+
+
+@pytest.mark.parametrize("prompt, match", [(" ".join(["seven"] * 10_000), "has 10000 words"),
+                                           (" ".join(["banana"] * 10_000), "unknown word 'banana'"),
+                                           (" ".join(f"w{i}" for i in range(10_000)), r"\(and 9995 more\)")])
+def test_a_huge_prompt_gives_a_short_error(pipe, prompt, match):
+    with pytest.raises(ValueError, match=match) as ei:
+        pipe(prompt, progress=False)
+    assert len(str(ei.value)) < 400
