@@ -165,6 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .ops import BackendUnavailable
     from .pipeline import Pipeline, check_picture_size, grid, grid_size
 
@@ -178,7 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     k = st.count
-    scale = args.scale or (32 if k == 1 else 16)
+    scale = args.scale if args.scale is not None else 32 if k == 1 else 16
     columns, gap = min(k, 8), 0 if k == 1 else max(1, scale // 4)
     cell = (pipe.unet.config.sample_size,) * 2
     mode = "L" if pipe.unet.config.in_channels == 1 else "RGB"
@@ -208,6 +210,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
     except (ValueError, TypeError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise RunError(f"out of memory on {pipe.device}; ask for fewer images") from None
     seconds = time.perf_counter() - t0
     pictures = [("-o", args.output, grid(out.images, scale=scale, columns=columns, gap=gap))]
     if args.strip is not None:

@@ -255,6 +255,7 @@ def _one_line_exit_2(capsys, argv, match):
     (["--guidance", "-5"], "guidance_scale must be .*>= 0"),
     (["--steps", "100000"], "steps must be .*at most 1000.*100000"),
     (["--scale", "100000"], "pixels.*limit"),
+    (["--scale", "0"], "scale must be >= 1, got 0"),
     (["--num-images", "100000"], "pixels.*limit"),
     (["--num-images", "0"], "num_images must be >= 1"),
 ])
