@@ -49,7 +49,8 @@ def test_raw_predictions_are_converted_in_the_fused_step(kind, sampler):
     x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)) * 10
     ref = df.sample(gauss_D, x, sig, sampler, generator=torch.Generator().manual_seed(1))
     out = df.sample(raw_model(kind), x, sig, sampler, prediction=kind, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # float32 rounding of the conversion, carried along the trajectory: relative to the sample's scale
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_flow_velocity_prediction():
@@ -57,7 +58,7 @@ def test_flow_velocity_prediction():
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     ref = df.sample(flow_D, x, sig, "euler", parametrization="flow")
     out = df.sample(raw_model("flow"), x, sig, "euler", prediction="flow")
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_network_input_in_bf16_keeps_state_float32():
@@ -93,7 +94,7 @@ def test_classifier_free_guidance_batches_both_halves_in_one_call(sampler):
         return gauss_D(x, sigma) + g * 0.1 * cond.view(-1, 1)
 
     ref = df.sample(combined, x, sig, sampler, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_callback_sees_every_step_with_denoised():

@@ -130,7 +130,9 @@ def test_gpu_out_of_range_slots_write_nothing_on_every_backend(dtype, slots):
         assert torch.isfinite(out).all()
         assert torch.equal(c["hist"], before), backend
         results[backend] = out
-    torch.testing.assert_close(results["triton"], results["torch"], rtol=1e-6, atol=1e-6)
+    scale = results["torch"].abs().max().item()
+    torch.testing.assert_close(results["triton"], results["torch"], rtol=0, atol=1e-5 * scale)  # FMA contraction
+    torch.testing.assert_close(results["cuda"], results["torch"], rtol=0, atol=0)  # same rounding order
 
 
 @pytest.mark.gpu
