@@ -301,11 +301,17 @@ def test_ctrl_c_in_a_real_process_exits_130_without_a_traceback(tmp_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "diffusion_fast", "generate", "7", "--steps", "1000", "-o",
-                          str(tmp_path / "a.png")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    # A run of a minute or more, interrupted after 4 s: while importing torch on a slow machine, sampling on a
+    # fast one. Both must end the same way.
+    p = subprocess.Popen([sys.executable, "-m", "diffusion_fast", "generate", "7", "--steps", "1000",
+                          "--num-images", "64", "-o", str(tmp_path / "a.png")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
     assert p.returncode == 130 and "Traceback" not in err and err.strip() == "diffusion-fast: interrupted", err
     assert not (tmp_path / "a.png").exists()
 
