@@ -257,3 +257,20 @@ def test_check_finite_is_one_check_after_the_loop():
         df.sample(gauss_D, x, sig, "dpmpp_2m", check_finite=True, callback=steps.append)
     # one read before the loop (x), one after it (the result); none while steps were being taken
     assert [n for _, n in reads] == [0, 5], reads
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m_sde"])
+def test_the_loop_does_not_depend_on_the_thread_count(sampler):
+    """README: the loop's own arithmetic is elementwise, so with an elementwise model the sample is bit-identical
+    whatever torch.get_num_threads() is (a state large enough for torch to split elementwise work by thread)."""
+    sig = karras(6, 0.05, 10.0)
+    x = torch.randn(4, 4, 64, 64, generator=torch.Generator().manual_seed(0)) * 10
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(df.sample(gauss_D, x, sig, sampler, generator=torch.Generator().manual_seed(1)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
