@@ -211,6 +211,9 @@ def test_sample_on_sigmas_without_final_zero_stops_there():
         (dict(guidance_scale=1e300, cond=torch.ones(2, 1), uncond=torch.ones(2, 1)), ValueError,
          ["guidance_scale", "float32"]),
         (dict(check_finite="yes"), TypeError, ["check_finite"]),
+        (dict(sampler=["euler"]), ValueError, ["sampler", "['euler']"]),
+        (dict(sampler="ddim", eta=[1.0]), ValueError, ["eta", "[1.0]"]),
+        (dict(sampler="ddim", eta="0.5"), ValueError, ["eta", "'0.5'"]),
     ],
 )
 def test_inputs_that_used_to_be_accepted(kwargs, exc, words):
