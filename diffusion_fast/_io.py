@@ -69,9 +69,10 @@ def image_format(path: PathLike) -> str:
     ext = os.path.splitext(os.fspath(path))[1].lower()
     Image.init()
     fmt = Image.EXTENSION.get(ext)
-    if fmt is None or fmt not in Image.SAVE:
-        kind = "unknown image type" if fmt is None else f"image type {fmt} cannot be written"
-        raise ValueError(f"{kind} {ext or '(no extension)'!r}; use .png")
+    if fmt is None:
+        raise ValueError(f"unknown image type {ext or '(no extension)'!r}; use .png")
+    if fmt not in Image.SAVE:
+        raise ValueError(f"PIL reads but cannot write {fmt} images ({ext!r}); use .png")
     return fmt
 
 
