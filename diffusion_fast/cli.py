@@ -6,8 +6,16 @@
     diffusion-fast info
     diffusion-fast bench ...          (see ``diffusion-fast bench --help``)
 
-Exit status: 0 success; 2 bad arguments (unknown sampler, steps < 1, an unknown word in the prompt, an
-unwritable output path, an unusable backend), with one line saying why.
+Exit status: 0 success; 2 bad input (unknown sampler, steps out of range, an unknown word in the prompt, an
+unwritable output path, an unusable backend, a damaged model folder, a result that is not finite), with one
+line ``diffusion-fast: error: ...`` saying why; 1 the run failed otherwise (out of memory, a write that failed
+after the checks passed), also one line; 130 interrupted (Ctrl-C), one line, no traceback.
+
+Each input is checked once, by the part that owns it: the command line parses text (an integer, a number);
+the pipeline checks its arguments and the model folder; ``sample`` checks the sampler and guidance scale; the
+ops' registry checks the backend. This module reports their errors. Output files are never left partial and
+an existing file is only ever replaced by a complete new one (:mod:`diffusion_fast._io`); every output path is
+checked before sampling.
 
 Startup is kept short: torch is imported only by the subcommands that need it; Triton and scikit-learn are
 never imported by ``generate``.
@@ -16,8 +24,6 @@ never imported by ``generate``.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +35,10 @@ OPS = ("group_norm", "attention", "sampler_step")
 
 class UsageError(Exception):
     """A bad argument: printed as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """The run failed for a reason other than its arguments (a write failed, out of memory): one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,20 +65,23 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
-def _guidance(text: str) -> float:
+def _int(text: str) -> int:
+    """An argparse type: any integer (its range is checked by the API that takes it)."""
     try:
-        v = float(text)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """An argparse type: any number (its range is checked by the API that takes it)."""
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
 
 
-def _sampler_names() -> tuple[str, ...]:
-    from .samplers.tables import SAMPLERS
-
-    return tuple(SAMPLERS)
+_guidance = _number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,25 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     g = sub.add_parser("generate", help="turn a prompt into an image",
-                       description="Generate an image from a prompt with the embedded digits model (or --model).")
+                       description="Generate an image from a prompt with the embedded digits model (or --model). "
+                       "Limits: 1..1000 steps; seeds 0..2**64-1; the picture (-o) has at most 89,478,485 pixels "
+                       "(PIL's decompression-bomb threshold), which bounds --num-images x --scale; images are "
+                       "sampled 256 at a time; a count whose results would not fit in memory is refused. Outputs "
+                       "are checked before sampling and written whole (a temporary file, then a rename).")
     g.add_argument("prompt", help='e.g. "a handwritten seven", "7", "the digit 7"')
-    g.add_argument("--seed", type=_nonneg_int, default=None, help="noise seed (default: random, printed)")
-    g.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's, 20)")
+    g.add_argument("--seed", type=_int, default=None, help="noise seed, 0..2**64-1 (default: random, printed)")
+    g.add_argument("--steps", type=_int, default=None, help="sampler steps, 1..1000 (default: the model's, 20)")
     g.add_argument("--sampler", default=None, help="sampler name (see `diffusion-fast samplers`; default dpmpp_2m)")
-    g.add_argument("--guidance", type=_guidance, default=None,
-                   help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--num-images", type=_positive_int, default=1, help="images; more than one writes a grid")
+    g.add_argument("--guidance", type=_number, default=None,
+                   help="classifier-free guidance scale, a finite number >= 0 (default: the model's)")
+    g.add_argument("--num-images", type=_int, default=1, help="images; more than one writes a grid")
     g.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     g.add_argument("-o", "--output", default="out.png", help="output image (default out.png)")
     g.add_argument("--strip", default=None, help="also write the image developing step by step")
-    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
-                   help="ops backend (default auto)")
+    g.add_argument("--backend", default="auto", help="ops backend: auto, torch, triton or cuda (default auto)")
     g.add_argument("--model", default="digits", help="built-in model name or a model folder (default digits)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    g.add_argument("--scale", type=_positive_int, default=None,
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--scale", type=_int, default=None,
                    help="nearest-neighbour upscaling (default 32 for one image, 16 for a grid)")
     g.add_argument("--threads", type=_positive_int, default=1,
-                   help="CPU threads for torch (default 1: the digits model is too small to gain from more)")
+                   help="CPU threads for torch (default 1: the digits model is too small to gain from more; the "
+                   "same seed and thread count give the same image)")
 
     e = sub.add_parser("explain", help="one HTML page that shows how diffusion works, from real runs",
                        description="Write one self-contained HTML page (inline images, no script, no network) that "
@@ -117,131 +134,158 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(option: str, path: str, extensions: Optional[Sequence[str]] = None) -> None:
-    """Fail before any work when ``path`` cannot be written (opened for append, then left as it was).
-    ``extensions``: the accepted file name endings (default: any image type Pillow writes)."""
-    ext = os.path.splitext(path)[1].lower()
-    if extensions is None:
-        from PIL import Image
+def _check_writable(option: str, path: str, size: tuple[int, int] = (1, 1), mode: str = "L") -> str:
+    """Fail before any work when ``path`` cannot take an image of ``size`` and ``mode`` (see
+    :func:`diffusion_fast._io.check_image_path`: nothing is opened or touched). Returns the real path."""
+    from . import _io
 
-        Image.init()
-        if ext not in Image.EXTENSION:
-            raise UsageError(f"{option} {path!r}: unknown image type {ext or '(no extension)'!r}; use .png")
-    elif ext not in extensions:
+    try:
+        return _io.check_image_path(path, size, mode)
+    except ValueError as exc:
+        raise UsageError(f"{option} {path!r}: {exc}") from None
+
+
+def _check_file(option: str, path: str, extensions: Sequence[str]) -> str:
+    """Fail before any work when ``path`` does not end in one of ``extensions`` or cannot be replaced by a new
+    file (see :func:`diffusion_fast._io.check_output_path`). Returns the real path."""
+    import os
+
+    from . import _io
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
         raise UsageError(f"{option} {path!r}: unknown file type {ext or '(no extension)'!r}; use "
                          f"{' or '.join(extensions)}")
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r} is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
-    existed = os.path.exists(path)
     try:
-        with open(path, "ab"):
-            pass
+        return _io.check_output_path(path)
+    except ValueError as exc:
+        raise UsageError(f"{option} {path!r}: {exc}") from None
+
+
+def _write_images(outputs: Sequence[tuple[str, str, object]]) -> None:
+    """Write ``(option, path, picture)`` images all or nothing (encoded in memory, temporary files, renames)."""
+    from . import _io
+
+    files = {}
+    for option, path, picture in outputs:
+        try:
+            files[path] = _io.encode_image(picture, path)
+        except (OSError, KeyError, ValueError) as exc:
+            raise UsageError(f"{option} {path!r}: cannot encode the image: {exc}") from None
+    try:
+        _io.write_files(files)
     except OSError as exc:
-        raise UsageError(f"{option} {path!r} is not writable: {exc.strerror}") from None
-    if not existed:
-        os.unlink(path)
+        raise RunError(f"writing {', '.join(repr(p) for p in files)} failed, nothing was replaced: "
+                       f"{exc.strerror or exc}") from None
 
 
 def _save(option: str, picture, path: str) -> None:
-    try:
-        picture.save(path)
-    except OSError as exc:
-        raise UsageError(f"{option} {path!r}: cannot write: {exc}") from None
-
-
-def _check_backend(backend: str) -> None:
-    if backend == "auto":
-        return
-    from .ops import registry
-
-    for op in OPS:
-        reason = registry.status(op).get(backend)
-        if reason is not None:
-            raise UsageError(f"--backend {backend}: not usable here for {op}: {reason}")
+    """Write one picture to ``path``, whole or not at all."""
+    _write_images([(option, path, picture)])
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    sampler = args.sampler
-    if sampler is not None and sampler not in _sampler_names():
-        raise UsageError(f"argument --sampler: unknown sampler {sampler!r}; choose from "
-                         f"{', '.join(_sampler_names())}")
-    for option, path in (("-o", args.output), ("--strip", args.strip)):
-        if path is not None:
-            _check_writable(option, path)
+    import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # on CPU the image depends on it: fixed here, not by the environment
+    try:
+        return _generate(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .ops import BackendUnavailable
-    from .pipeline import Pipeline, grid
+    from .pipeline import Pipeline, check_picture_size, grid, grid_size
 
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {args.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    _check_backend(args.backend)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    try:
-        pipe = Pipeline.from_pretrained(args.model, device=device, backend=args.backend)
-    except (FileNotFoundError, ValueError) as exc:
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, backend=args.backend)
+        st = pipe.settings(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                           guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler,
+                           num_images=args.num_images, return_trajectory=args.strip is not None)
+    except FileNotFoundError as exc:
         raise UsageError(f"--model {args.model!r}: {exc}") from None
-    try:  # prompt words are checked before any work, so a typo costs nothing
-        pipe.tokenizer.encode(args.prompt)
-        if args.negative is not None:
-            pipe.tokenizer.encode(args.negative)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+    k = st.count
+    scale = args.scale if args.scale is not None else 32 if k == 1 else 16
+    columns, gap = min(k, 8), 0 if k == 1 else max(1, scale // 4)
+    cell = (pipe.unet.config.sample_size,) * 2
+    mode = "L" if pipe.unet.config.in_channels == 1 else "RGB"
+    outputs = [("-o", args.output)] + ([("--strip", args.strip)] if args.strip is not None else [])
+    try:
+        sizes = {"-o": grid_size(k, cell, scale, columns, gap)}
+        check_picture_size(sizes["-o"], f"-o: {k} image{'s' if k > 1 else ''} at --scale {scale}")
+        if args.strip is not None:
+            sizes["--strip"] = pipe.strip_size(st.steps)
+            check_picture_size(sizes["--strip"], "--strip")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    for option, path in outputs:
+        _check_writable(option, path, sizes[option], mode if option == "-o" else "L")
+    if args.strip is not None:
+        from ._io import same_file
+
+        if same_file(args.output, args.strip):
+            raise UsageError(f"-o {args.output!r} and --strip {args.strip!r} name the same file")
 
     t0 = time.perf_counter()
     try:
-        out = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, sampler=sampler, num_images=args.num_images, progress=sys.stderr.isatty(),
+        out = pipe(args.prompt, negative_prompt=args.negative, steps=st.steps, guidance_scale=st.guidance_scale,
+                   seed=st.seed, sampler=st.sampler, num_images=st.num_images, progress=sys.stderr.isatty(),
                    return_trajectory=args.strip is not None)
     except BackendUnavailable as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
+    except (ValueError, TypeError, FloatingPointError) as exc:
+        raise UsageError(str(exc)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise RunError(f"out of memory on {pipe.device}; ask for fewer images") from None
     seconds = time.perf_counter() - t0
-    k = len(out.images)
-    scale = args.scale or (32 if k == 1 else 16)
-    picture = grid(out.images, scale=scale, columns=min(k, 8), gap=0 if k == 1 else max(1, scale // 4))
-    _save("-o", picture, args.output)
-    steps = args.steps or pipe.defaults.get("steps", 20)
-    g = args.guidance if args.guidance is not None else pipe.defaults.get("guidance_scale", 1.0)
-    print(f"wrote {args.output}: {k} image{'s' if k > 1 else ''}, seed {out.seed}, {steps} steps "
-          f"{sampler or pipe.defaults.get('sampler', 'dpmpp_2m')}, guidance {g:g}, {seconds:.2f} s")
+    pictures = [("-o", args.output, grid(out.images, scale=scale, columns=columns, gap=gap))]
     if args.strip is not None:
-        _save("--strip", pipe.strip(out.trajectory), args.strip)
+        pictures.append(("--strip", args.strip, pipe.strip(out.trajectory)))
+    _write_images(pictures)
+    print(f"wrote {args.output}: {k} image{'s' if k > 1 else ''}, seed {out.seed}, {st.steps} steps "
+          f"{st.sampler}, guidance {st.guidance_scale:g}, {seconds:.2f} s")
+    if args.strip is not None:
         print(f"wrote {args.strip}: top row the noisy state, bottom row each step's denoised estimate")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    _check_writable("-o", args.output, (".html", ".htm"))
-    if args.gif is not None:
-        _check_writable("--gif", args.gif, (".gif",))
+    from . import _io
+
+    outputs = [("-o", args.output, (".html", ".htm"))] + ([("--gif", args.gif, (".gif",))] if args.gif else [])
+    real = [_check_file(option, path, ext) for option, path, ext in outputs]
+    if len(real) == 2 and real[0] == real[1]:
+        raise UsageError(f"-o and --gif name the same file {args.output!r}; give them different names")
 
     import torch
 
-    from .explain import Explainer, command_line, write_atomic
+    from .explain import Explainer, command_line
 
-    torch.set_num_threads(args.threads)
     try:  # checks the prompt's words, the sampler and the seed before any work
         explainer = Explainer(args.prompt, seed=args.seed, sampler=args.sampler)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     command = command_line(args.prompt, seed=args.seed, sampler=explainer.sampler, output=args.output,
                            gif=args.gif, threads=args.threads)
-    page = explainer.run(progress=args.progress, command=command)
-    for option, path, data in (("-o", args.output, page.html.encode("utf-8")), ("--gif", args.gif, page.gif)):
-        if path is not None:
-            try:
-                write_atomic(path, data)
-            except OSError as exc:
-                raise UsageError(f"{option} {path!r}: cannot write: {exc}") from None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # the pictures depend on it: fixed here, not by the environment
+    try:
+        page = explainer.run(progress=args.progress, command=command)
+    finally:
+        torch.set_num_threads(previous)
+    files = {args.output: page.html.encode("utf-8")}
+    if args.gif:
+        files[args.gif] = page.gif
+    try:  # all or nothing: temporary files renamed over their targets only when both were written
+        _io.write_files(files)
+    except OSError as exc:
+        raise RunError(f"cannot write {' and '.join(files)}: {exc}") from None
     print(f"wrote {args.output}: {page.pictures} pictures from {page.runs} runs of the model in "
           f"{page.seconds:.1f} s")
     if args.gif is not None:
@@ -308,21 +352,32 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``diffusion-fast``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # everything after "bench" belongs to the benchmark CLI
-        return cmd_bench(argv[1:])
-    parser = build_parser()
+    """Entry point of ``diffusion-fast``; returns the exit status (0, 1, 2 or 130: see the module docstring)."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one line (or the help)
-        return 0 if exc.code in (0, None) else 2
-    commands = {"generate": cmd_generate, "explain": cmd_explain, "samplers": cmd_samplers, "info": cmd_info}
-    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] == "bench":  # everything after "bench" belongs to the benchmark CLI
+            return cmd_bench(argv[1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse already printed its one line (or the help)
+            return 0 if exc.code in (0, None) else 2
+        commands = {"generate": cmd_generate, "explain": cmd_explain, "samplers": cmd_samplers, "info": cmd_info}
         return commands[args.cmd](args)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except RunError as exc:
+        return _fail(str(exc), 1)
+    except MemoryError:
+        return _fail("out of memory; ask for fewer images or a smaller --scale", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, prefix=f"{PROG}: ")
+
+
+def _fail(message: str, status: int, prefix: str = f"{PROG}: error: ") -> int:
+    """Print one line to stderr (newlines in an error's text folded into it) and return ``status``."""
+    print(prefix + " ".join(message.splitlines()), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -205,29 +205,6 @@ class Explainer:
                            same_seed_identical=page.same_seed_identical)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``, so an
-    existing file is only ever replaced by a complete new one. The new file gets the default permissions."""
-    import os
-    import secrets
-
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _other_prompt(words: Sequence[str]) -> str:
     """A second prompt for section 2: the prompt with its digit swapped (seven -> three, 3 -> 8), or
     "a handwritten three" when the prompt names no digit."""
@@ -605,5 +582,5 @@ def _dist_version(dist: str) -> str:
         return "not installed"
 
 
-__all__ = ["Explainer", "Explanation", "command_line", "write_atomic", "GUIDANCE", "STEP_COUNTS", "SAMPLER_STEPS",
+__all__ = ["Explainer", "Explanation", "command_line", "GUIDANCE", "STEP_COUNTS", "SAMPLER_STEPS",
            "NUM_SEEDS", "JUDGE_IMAGES_PER_DIGIT", "SECTIONS"]

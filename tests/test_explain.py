@@ -20,7 +20,7 @@ import diffusion_fast
 from diffusion_fast import SAMPLERS, Pipeline
 from diffusion_fast import explain as explain_mod
 from diffusion_fast.cli import main
-from diffusion_fast.explain import Explainer, command_line, write_atomic
+from diffusion_fast.explain import Explainer, command_line
 
 PROMPT = "a handwritten seven"
 # Pictures per section for the embedded model (20 steps by default): the GIF and the noise plus one picture
@@ -304,8 +304,8 @@ def test_existing_output_survives_a_failed_run(capsys, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Explainer, "run", boom)
-    with pytest.raises(KeyboardInterrupt):
-        main(["explain", "7", "-o", str(p)])
+    assert main(["explain", "7", "-o", str(p)]) == 130  # Ctrl-C: one line, exit 130
+    assert capsys.readouterr().err == "diffusion-fast: interrupted\n"
     assert p.read_text() == "old page" and [q.name for q in tmp_path.iterdir()] == ["page.html"]
 
 
@@ -332,20 +332,3 @@ def test_cli_passes_progress_threads_and_command(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "p.gif").read_bytes() == b"GIF89a"
     assert run(capsys, "explain", "7", "--no-progress", "-o", str(tmp_path / "q.html"))[0] == 0
     assert seen["progress"] is False
-
-
-# -- the atomic write ------------------------------------------------------------------------------------
-
-def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(tmp_path):
-    p = tmp_path / "f.html"
-    p.write_bytes(b"old")
-    write_atomic(str(p), b"new contents")
-    assert p.read_bytes() == b"new contents"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
-    with pytest.raises(TypeError):
-        write_atomic(str(p), "not bytes")  # fails while writing the temporary file
-    assert p.read_bytes() == b"new contents" and [q.name for q in tmp_path.iterdir()] == ["f.html"]
-    with pytest.raises(FileNotFoundError):
-        write_atomic(str(tmp_path / "missing" / "f.html"), b"x")

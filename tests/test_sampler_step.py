@@ -76,8 +76,9 @@ def test_in_place_state_and_slot_read_before_write():
     slots = torch.tensor([0, 1])
     ref_x, ref_h = formula64(x, mo, coef, [0, 1], hist, None)
     ops.sampler_step(x, mo, coef, slots, hist, None, out=x, backend="torch")
-    torch.testing.assert_close(x.double(), ref_x, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(hist.double(), ref_h, rtol=1e-6, atol=1e-5)
+    scale = max(ref_x.abs().max().item(), ref_h.abs().max().item())  # float32 rounding of the largest term
+    torch.testing.assert_close(x.double(), ref_x, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(hist.double(), ref_h, rtol=0, atol=1e-5 * scale)
 
 
 def test_no_write_slots_leave_history_untouched():

@@ -109,9 +109,15 @@ def test_eight_slots_bf16_output(device):
 @pytest.mark.parametrize("slot_vals", [[-1, -1], [2, -1], [-1, 0], [0, 2], [3, 7], [5, 1]],
                          ids=["none", "d-only", "y-only", "both", "out-of-range", "far-out"])
 def test_slot_rules(slot_vals, device):
-    # -1 and indices >= K write nothing, exactly like the reference; the other slots keep their values.
+    # -1 and (on a GPU, where only the kernels read them) indices >= K write nothing, exactly like the
+    # reference; the other slots keep their values. On the CPU the op refuses an index >= K before any kernel
+    # (tests/test_sampler_step_slots.py).
     case = make_case(SHAPE, 3, False, noise=False, net=None, device=device, slot_vals=slot_vals,
                      slots_dtype=torch.int32)
+    if device.type == "cpu" and any(v >= 3 for v in slot_vals):
+        with pytest.raises(ValueError, match="slots must be -1"):
+            run(case, "triton")
+        return
     _, hist, _ = check_against_reference(case)
     for k in range(3):
         if k not in slot_vals:

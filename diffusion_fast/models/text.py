@@ -26,6 +26,11 @@ SPECIAL_TOKENS = (PAD, BOS, EOS)
 _PUNCT = re.compile(r"[^\w\s]")
 
 
+def _excerpt(text: str, limit: int = 60) -> str:
+    """``text`` cut to about ``limit`` characters for an error message (a prompt may be very long)."""
+    return text if len(text) <= limit else text[:limit - 20] + f"... ({len(text)} characters)"
+
+
 class WordTokenizer:
     """Word-level tokenizer over a fixed vocabulary.
 
@@ -59,15 +64,18 @@ class WordTokenizer:
         return _PUNCT.sub(" ", prompt.lower().replace("_", " ")).split()
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of one prompt, length ``max_length``."""
+        """Token ids of one prompt, length ``max_length``. ValueError for an unknown word or a prompt that is too
+        long; the message quotes at most the start of the prompt, a few unknown words and the vocabulary."""
         words = self.split(prompt)
-        unknown = [w for w in words if w not in self.ids]
+        unknown = list(dict.fromkeys(w for w in words if w not in self.ids))
         if unknown:
-            raise ValueError(
-                f"unknown word{'s' if len(unknown) > 1 else ''} {', '.join(repr(w) for w in unknown)} in prompt "
-                f"{prompt!r}; the vocabulary is: {' '.join(self.words)}")
+            shown = ", ".join(repr(_excerpt(w, 30)) for w in unknown[:5])
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            vocab = " ".join(self.words[:60]) + (f" ... ({len(self.words)} words)" if len(self.words) > 60 else "")
+            raise ValueError(f"unknown word{'s' if len(unknown) > 1 else ''} {shown}{more} in prompt "
+                             f"{_excerpt(prompt)!r}; the vocabulary is: {vocab}")
         if len(words) > self.max_length - 2:
-            raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {self.max_length - 2} fit")
+            raise ValueError(f"prompt {_excerpt(prompt)!r} has {len(words)} words; at most {self.max_length - 2} fit")
         ids = [self.ids[BOS]] + [self.ids[w] for w in words] + [self.ids[EOS]]
         return ids + [self.ids[PAD]] * (self.max_length - len(ids))
 

@@ -15,6 +15,11 @@ registry.register("attention", "triton", "diffusion_fast.kernels.triton.attentio
 registry.register("attention", "cuda", "diffusion_fast.kernels.cuda.attention")
 
 MAX_HEAD_DIM = 256
+#: Largest ``|scale|``. Scores are computed in float32: with fp16 inputs (|x| <= 65504) and D <= 256,
+#: |q.k * scale| <= 256 * 65504**2 * 2**16 ~ 7.2e16, far from float32's 3.4e38, so the scores of any finite fp16
+#: call stay finite and the softmax never meets inf - inf. Real scales are 1/sqrt(D) <= 1 (or a learned
+#: temperature of at most ~100); scale=1e38 overflowed ordinary fp16 scores and gave an all-NaN result.
+MAX_SCALE = 2.0**16
 
 
 def attention(
@@ -34,7 +39,7 @@ def attention(
         q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, H, D]``. Same dtype (float32/float16/bfloat16) and device.
             ``D`` is a multiple of 8, at most 256. Views whose last dim is contiguous (slices of a fused QKV
             projection) are accepted as they are; fast backends read them through their strides.
-        scale: multiplies the scores; default ``1 / sqrt(D)``.
+        scale: multiplies the scores; default ``1 / sqrt(D)``; finite, ``|scale| <= MAX_SCALE`` (65536).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -61,6 +66,9 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scale = check_finite_float("scale", scale)
+    if abs(scale) > MAX_SCALE:
+        raise ValueError(f"scale={scale:g} is beyond the limit |scale| <= {MAX_SCALE:g}: larger scales overflow the "
+                         "float32 scores (an all-NaN result)")
     if torch.compiler.is_compiling():  # traced as one opaque custom op (ops/library.py)
         return library.attention(q, k, v, scale, backend)
     call = dict(q=q, k=k, v=v, scale=scale)

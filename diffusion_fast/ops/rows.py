@@ -6,8 +6,8 @@ slots a row has ``9 + 2K`` float32 values:
 
     G  P  Q  AX  AD  AZ  BX  BD  CIN  AH[0..K)  BH[0..K)
 
-Its twin is the ``enum`` at the top of ``csrc/sampler_step.cu``; ``tests/test_cuda_build.py`` checks that the
-two agree. This module imports nothing from the package, so tables, every backend and the op can all use it.
+Its twin is the ``enum`` at the top of ``csrc/sampler_step.cu``; ``tests/test_rows.py`` checks that the two
+agree. This module imports nothing from the package, so tables, every backend and the op can all use it.
 """
 
 from __future__ import annotations

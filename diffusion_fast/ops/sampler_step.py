@@ -11,15 +11,25 @@ call; the row's layout (the indices ``G``, ``P``, ... below) is :mod:`diffusion_
     D      = row[P] * x + row[Q] * raw                           # epsilon / v / sample / flow -> denoised
     x_new  = row[AX] * x + row[AD] * D + row[AZ] * z + sum_k row[AH + k] * hist[k]
     y      = row[BX] * x + row[BD] * D + sum_k row[BH(K) + k] * hist[k]
-    hist[slots[0]] = D      (unless slots[0] < 0)
-    hist[slots[1]] = y      (unless slots[1] < 0; slots[0] != slots[1])
+    hist[slots[0]] = D      (unless slots[0] == -1)
+    hist[slots[1]] = y      (unless slots[1] == -1; when both name one slot, D is written)
     out    = x_new
     net_input[:B] (and net_input[B:2B] for a CFG batch) = (row[CIN] * x_new).to(net_input.dtype)
 
 All reads happen before any write (element by element), so ``out`` may be ``x`` and a slot that is read may
-be overwritten in the same call. Math is float32; ``x``, ``hist`` and ``out`` are float32. Nothing here
-looks at tensor values on the host, so the op never synchronises and a CUDA graph can replay it with a new
-row copied into ``coef``.
+be overwritten in the same call. Math is float32; ``x``, ``hist`` and ``out`` are float32.
+
+Slots: ``-1`` writes nothing, ``0..K-1`` writes that slot; any other value is an error. The op reads slot
+values on the host only where that costs no device synchronisation — CPU tensors, for every backend — and
+raises ValueError there. On a GPU only the kernels read them; there every backend (reference, Triton, CUDA)
+writes nothing for a value outside ``[0, K)``, whatever its width (64-bit values are compared as 64-bit).
+The sampling loop's slot tables are built on the host and are always valid.
+
+Buffers: ``out``, ``hist`` and ``net_input`` are written, so none may share memory with another argument,
+except ``out`` being ``x`` itself (the same view: an in-place update); checked from addresses and strides.
+
+Nothing here looks at tensor values on a device, so the op never synchronises and a CUDA graph can replay it
+with a new row copied into ``coef``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import Optional
 import torch
 
 from . import library, registry
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_no_overlap, check_same_device, check_tensor
 from .rows import MAX_HIST, coef_width
 
 registry.register("sampler_step", "torch", "diffusion_fast.kernels.reference.sampler_step")
@@ -55,10 +65,11 @@ def sampler_step(
         x: ``[B, *S]`` float32 sampler state at which the network was evaluated.
         model_output: ``[B, *S]`` or ``[2B, *S]`` (CFG batch: unconditional half first), any float dtype.
         coef: ``[9 + 2K]`` float32 coefficient row, on x's device.
-        slots: ``[2]`` int32/int64 ``(slot for D, slot for y)``, -1 for "no write"; required when ``K > 0``.
+        slots: ``[2]`` int32/int64 ``(slot for D, slot for y)``, each -1 ("no write") or ``0..K-1``; required
+            when ``K > 0`` (see "Slots" above).
         hist: ``[K, B, *S]`` float32 history, ``K <= 8``; updated in place.
         noise: ``[B, *S]`` standard normal noise (any float dtype) or None (then ``row[AZ]`` is unused).
-        out: ``[B, *S]`` float32 result buffer; may be ``x``. Allocated when None.
+        out: ``[B, *S]`` float32 result buffer; may be ``x`` (no other overlap). Allocated when None.
         net_input: ``[B, *S]`` or ``[2B, *S]`` buffer (any float dtype) that receives the next network input
             ``row[CIN] * x_new`` (duplicated into both halves for a CFG batch); skipped when None.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
@@ -111,9 +122,22 @@ def sampler_step(
                              f"{S}, got {tuple(net_input.shape)}")
     device = check_same_device(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist,
                                noise=noise, out=out, net_input=net_input)
+    if device.type != "meta" and not torch.compiler.is_compiling():
+        check_no_overlap(dict(out=out, hist=hist, net_input=net_input),
+                         dict(x=x, model_output=model_output, coef=coef, slots=slots, noise=noise),
+                         allow=(("out", "x"),))
+        if slots is not None and device.type == "cpu":
+            _check_slot_values(slots.tolist(), K)
     if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py), mutating hist/out/net_input
         library.sampler_step(x, model_output, coef, slots, hist, noise, out, net_input, backend)
         return out
     call = dict(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist, noise=noise, out=out,
                 net_input=net_input)
     return registry.resolve("sampler_step", backend, device, call)(**call)
+
+
+def _check_slot_values(values: list[int], K: int) -> None:
+    """Host values only (a CPU tensor's ``tolist`` reads memory directly: no device, no dispatch)."""
+    if any(v != -1 and not 0 <= v < K for v in values):
+        limit = f"0..{K - 1} (a history slot)" if K else "nothing else: hist has no slots"
+        raise ValueError(f"slots must be -1 (no write) or {limit}, got {values}")

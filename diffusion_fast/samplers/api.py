@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -10,14 +11,43 @@ import numpy as np
 import torch
 
 from ..ops._checks import same_device
+from ..ops.rows import G
 from .loop import get_plan, run
-from .tables import PARAMETRIZATIONS, PREDICTIONS, SAMPLERS
+from .tables import PARAMETRIZATIONS, PREDICTIONS
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_guidance_scale(value: object, name: str = "guidance_scale") -> float:
+    """The one check of a guidance scale: a finite number ``>= 0`` (0 is the unconditional model, 1 the
+    conditional one, more pushes further from the unconditional). Returns it as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _sigmas_to_host(sigmas) -> np.ndarray:
     if isinstance(sigmas, torch.Tensor):
+        if sigmas.dtype == torch.bool or sigmas.is_complex() or not (sigmas.is_floating_point()
+                                                                      or sigmas.dtype in _INT_DTYPES):
+            raise TypeError(f"sigmas must hold real numbers, got a tensor of dtype {sigmas.dtype}")
         # One copy before the loop starts; the loop itself never reads device values.
         sigmas = sigmas.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(sigmas, np.ndarray):
+        if sigmas.dtype.kind not in "fiu":
+            raise TypeError(f"sigmas must hold real numbers, got an array of dtype {sigmas.dtype}")
+    else:
+        try:
+            items = list(sigmas)
+        except TypeError:
+            raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats, got {type(sigmas).__name__}") \
+                from None
+        for v in items:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"sigmas must be numbers, got {v!r} ({type(v).__name__})")
+        sigmas = items
     try:
         s = np.asarray(sigmas, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -39,8 +69,6 @@ def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, 
                         + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if parametrization is None:
@@ -52,9 +80,7 @@ def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, 
     if prediction in ("epsilon", "v_prediction") and parametrization != "ve":
         raise ValueError(f"prediction={prediction!r} is defined for parametrization='ve', got {parametrization!r}")
     if guidance_scale is not None:
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
+        check_guidance_scale(guidance_scale)
         if cond is None or uncond is None:
             raise ValueError("guidance_scale needs both cond and uncond (batched as [uncond; cond] per call)")
     elif uncond is not None:
@@ -91,6 +117,7 @@ def sample(
     net_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     cuda_graph: bool = False,
+    check_finite: bool = False,
     **options,
 ) -> torch.Tensor:
     """Run ``sampler`` over the schedule ``sigmas`` starting from ``x`` and return the sample.
@@ -108,10 +135,13 @@ def sample(
         x: ``[B, ...]`` starting noise already multiplied by ``sigmas[0]`` (flow: pure noise at sigma 1).
         sigmas: ``[N + 1]`` strictly decreasing, usually ending in 0 (see :mod:`diffusion_fast.schedules`).
         sampler: one of :data:`diffusion_fast.SAMPLERS`.
-        generator: source of the ancestral / SDE noise; same seed, device and backend → bit-identical output.
+        generator: a ``torch.Generator`` on x's device, the source of the ancestral / SDE noise. The same
+            generator seed, device, backend and torch build give a bit-identical output; the loop's own
+            arithmetic is elementwise and does not depend on the CPU thread count, but a model's may (torch's CPU
+            convolutions and matrix products split their sums by ``torch.get_num_threads()``).
         callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
         progress: show a progress bar.
-        guidance_scale: classifier-free guidance scale ``g``: ``raw = u + g * (c - u)``.
+        guidance_scale: classifier-free guidance scale ``g`` (finite, ``>= 0``): ``raw = u + g * (c - u)``.
         cond, uncond: conditioning tensors ``[B, ...]`` handed to the model (see above).
         prediction: what the model returns: ``"denoised"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``
             or ``"flow"`` (velocity ``noise - x0``).
@@ -120,32 +150,83 @@ def sample(
         net_dtype: dtype of the network input (default float32); the sampler state stays float32.
         backend: backend of the fused step (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         cuda_graph: capture the whole trajectory in a CUDA graph and replay it (CUDA tensors only).
+        check_finite: check that ``x`` is finite before the loop and the sample after it: ValueError for a
+            non-finite ``x``, FloatingPointError for a non-finite sample (the model returned NaN or inf, or a
+            very large guidance scale overflowed float32). Costs two reads of a device value, one before and one
+            after the loop — none inside it — so it is off by default: ``sample`` itself never synchronises
+            with the device, and a caller that keeps the result on the GPU (a decoder, a CUDA graph, a
+            benchmark) would lose that. :class:`diffusion_fast.Pipeline` always checks.
         **options: sampler options: ``eta`` and ``s_noise`` (ancestral/SDE samplers, ddim), ``order``
             (lms, unipc), ``solver_type`` (dpmpp_2m_sde), ``variant`` (unipc).
 
     Returns:
         ``[B, ...]`` float32 sample.
+
+    Raises:
+        ValueError / TypeError: a bad argument, named, before the first step (the sampler name and its
+            options are checked by :func:`diffusion_fast.samplers.build_plan`); a model output of the wrong
+            shape or dtype, at the first call. FloatingPointError: see ``check_finite``.
     """
     parametrization = _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond,
                                   net_dtype)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
     if parametrization == "flow" and s[0] > 1.0:
         raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
-    if generator is not None and not same_device(generator.device, x.device):
-        raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if not same_device(generator.device, x.device):
+            raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
     tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
                       need_denoised=callback is not None)
+    _check_float32_table(tables.plan.coef, guidance_scale)
     if cuda_graph:
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors; x is on {x.device}")
         if callback is not None:
             raise ValueError("cuda_graph=True replays the whole trajectory at once; it takes no callback")
+    if check_finite:
+        _check_finite_input(x)
+    if cuda_graph:
         from .graph import run_graphed  # imported on use: graph capture is CUDA-only
 
-        return run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
-                           uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend)
-    return run(tables, model, x, generator=generator, callback=callback, progress=progress,
-               guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype or torch.float32,
-               backend=backend)
+        out = run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
+                          uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend)
+    else:
+        out = run(tables, model, x, generator=generator, callback=callback, progress=progress,
+                  guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype or torch.float32,
+                  backend=backend)
+    if check_finite:
+        _check_finite_output(out)
+    return out
 
+
+def _check_float32_table(coef: np.ndarray, guidance_scale: Optional[float]) -> None:
+    """The float64 table is uploaded as float32: every coefficient must stay finite there (host values)."""
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(coef.astype(np.float32))
+    if bad.any():
+        e, col = (int(v) for v in np.argwhere(bad)[0])
+        if col == G and guidance_scale is not None:
+            raise ValueError(f"guidance_scale={guidance_scale!r} does not fit in float32 (at most "
+                             f"{float(np.finfo(np.float32).max):.4g})")
+        raise ValueError(f"coefficient {col} of evaluation {e} is {coef[e, col]!r}, beyond float32's range: the "
+                         "schedule's sigmas are too extreme for this sampler")
+
+
+def _check_finite_input(x: torch.Tensor) -> None:
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):  # one read of a device value, before the loop
+        raise ValueError(f"x holds {int((~finite).sum())} non-finite value(s) (NaN or inf) of {x.numel()}; "
+                         "sampling would only carry them on")
+
+
+def _check_finite_output(out: torch.Tensor) -> None:
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):  # one read of a device value, after the loop
+        raise FloatingPointError(f"{int((~finite).sum())} of {out.numel()} values of the sample are not finite after "
+                                 "the last step (NaN or inf): the model returned non-finite values, or a very large "
+                                 "guidance scale (or model output) overflowed float32")
 

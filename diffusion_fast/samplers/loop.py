@@ -34,7 +34,10 @@ def get_plan(sampler: str, sigmas: np.ndarray, prediction: str, parametrization:
     """Build (or fetch from a small cache) the device tables for this sampler and schedule."""
     key = (sampler, sigmas.tobytes(), prediction, parametrization, guidance_scale,
            tuple(sorted(options.items())), str(device), need_denoised)
-    hit = _PLAN_CACHE.get(key)
+    try:
+        hit = _PLAN_CACHE.get(key)
+    except TypeError:  # an unhashable argument: build_plan says what is wrong with it
+        hit = key = None
     if hit is not None:
         _PLAN_CACHE.move_to_end(key)
         return hit
@@ -43,10 +46,28 @@ def get_plan(sampler: str, sigmas: np.ndarray, prediction: str, parametrization:
     if need_denoised:
         plan = with_denoised_slot(plan)
     tables = DeviceTables(plan, device)
+    if key is None:
+        return tables
     _PLAN_CACHE[key] = tables
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)
     return tables
+
+
+def check_model_output(out, net_in: torch.Tensor) -> None:
+    """The model's output has its input's shape (``[B, ...]``, or ``[2B, ...]`` with guidance) and a float dtype on
+    its device; checked on the first call (shapes only, no device value is read)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != net_in.shape:
+        raise ValueError(f"model returned shape {list(out.shape)} for an input of shape {list(net_in.shape)}; it must "
+                         "return one value per input value"
+                         + (" (without guidance_scale the batch is not doubled)" if out.dim() and net_in.dim()
+                            and out.shape[0] == 2 * net_in.shape[0] else ""))
+    if not out.is_floating_point():
+        raise TypeError(f"model returned dtype {out.dtype}; it must return floating-point values")
+    if out.device != net_in.device:
+        raise ValueError(f"model returned a tensor on {out.device} for an input on {net_in.device}")
 
 
 def draw_noise(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -85,6 +106,8 @@ def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progre
         sigma = tables.sigma[e].expand(nb)
         net_in = bufs[e % 2]
         out = model(net_in, sigma) if ctx is None else model(net_in, sigma, ctx)
+        if e == 0:
+            check_model_output(out, net_in)
         z = None
         if plan.noise[e]:
             if noise is None:

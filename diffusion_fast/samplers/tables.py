@@ -21,6 +21,7 @@ sampler needs a special case beyond what k-diffusion itself has.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -448,7 +449,7 @@ def build_plan(
     **options,
 ) -> Plan:
     """Build the float64 coefficient table of ``sampler`` for the schedule ``sigmas`` (``[N + 1]``)."""
-    if sampler not in _BUILDERS:
+    if not isinstance(sampler, str) or sampler not in _BUILDERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     allowed = OPTIONS[sampler]
     for k in options:
@@ -457,8 +458,9 @@ def build_plan(
                              f"it takes {sorted(allowed) or 'none'}")
     opts = {**allowed, **{k: v for k, v in options.items() if v is not None}}
     for k in ("eta", "s_noise"):
-        if k in opts and (not math.isfinite(float(opts[k])) or float(opts[k]) < 0):
-            raise ValueError(f"{k} must be a finite number >= 0, got {opts[k]}")
+        v = opts.get(k, 0.0)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
     if "order" in opts and sampler == "lms" and opts["order"] not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1 to 4 for lms, got {opts['order']}")
     s = [float(v) for v in np.asarray(sigmas, dtype=np.float64).reshape(-1)]

@@ -8,8 +8,8 @@ every program, so the host never looks at them and a CUDA graph replays the step
 
 Per element: every load (x, uncond/cond, noise, K slots) happens before any store, and each element is
 loaded and stored by the same thread, so ``out`` may alias ``x`` and the slots written may be slots read.
-Writes: ``out``, ``hist[slot_D]``, ``hist[slot_y]`` (masked off when the slot is outside ``[0, K)``), and
-``net_input`` (once, or twice for 2B rows).
+Writes: ``out``, ``hist[slot_D]``, ``hist[slot_y]`` (masked off when the slot is outside ``[0, K)``, compared
+at the slots' own 32- or 64-bit width), and ``net_input`` (once, or twice for 2B rows).
 
 Bytes per element: 4 (x) + 1-2 model outputs + noise + 4K (slots) read; 4 (out) + up to 8 (two slots) +
 net_input written. FLOPs: ~2 per coefficient. Memory-bound: the floor is bytes / copy bandwidth.
@@ -32,7 +32,7 @@ def _sampler_step_kernel(
     x_ptr,  # [n] fp32 state where the network was evaluated
     mo_ptr,  # [n] or [2n] (CFG: uncond then cond) model output, any float dtype
     coef_ptr,  # [9 + 2K] fp32 coefficient row
-    slots_ptr,  # [2] int32/int64 (slot for D, slot for y); read only when K > 0
+    slots_ptr,  # [2] int32/int64 (slot for D, slot for y), -1 = none; read only when K > 0
     hist_ptr,  # [K, n] fp32 history, updated in place
     noise_ptr,  # [n] noise, any float dtype; read only when HAS_NOISE
     out_ptr,  # [n] fp32 x_new (may be x)
@@ -76,13 +76,17 @@ def _sampler_step_kernel(
             h = tl.load(hist_ptr + k * n + offs, mask=mask, other=0.0)
             x_new = x_new + tl.load(coef_ptr + I_AH + k) * h
             y = y + tl.load(coef_ptr + I_AH + K + k) * h
-        # Slots broadcast to vectors before any boolean mix (vector & scalar-bool masks trip the interpreter).
-        slot_d = tl.full([BLOCK], 0, tl.int32) + tl.load(slots_ptr).to(tl.int32)
-        slot_y = tl.full([BLOCK], 0, tl.int32) + tl.load(slots_ptr + 1).to(tl.int32)
-        # y first, then D: if a table ever named one slot twice, D wins, as in the reference.
-        ok_y = (slot_y >= 0) & (slot_y < K)
+        # A slot outside [0, K) writes nothing, compared at the slots' own width (an int64 slot of 2**32 + 1
+        # must not wrap to 1), then narrowed. Broadcast to vectors before any boolean mix (vector & scalar-bool
+        # masks trip the interpreter).
+        raw_d = tl.load(slots_ptr)
+        raw_y = tl.load(slots_ptr + 1)
+        slot_d = tl.full([BLOCK], 0, tl.int32) + tl.where((raw_d >= 0) & (raw_d < K), raw_d, -1).to(tl.int32)
+        slot_y = tl.full([BLOCK], 0, tl.int32) + tl.where((raw_y >= 0) & (raw_y < K), raw_y, -1).to(tl.int32)
+        # y first, then D: if both name one slot, D wins, as in the reference.
+        ok_y = slot_y >= 0
         tl.store(hist_ptr + tl.where(ok_y, slot_y, 0) * n + offs, y, mask=mask & ok_y)
-        ok_d = (slot_d >= 0) & (slot_d < K)
+        ok_d = slot_d >= 0
         tl.store(hist_ptr + tl.where(ok_d, slot_d, 0) * n + offs, d, mask=mask & ok_d)
     tl.store(out_ptr + offs, x_new, mask=mask)
     if HAS_NET:
