@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,24 @@ def _sigmas_to_host(sigmas) -> np.ndarray:
     if np.any(s[1:] >= s[:-1]):
         raise ValueError(f"sigmas must be strictly decreasing, got {s.tolist()}")
     return s
+
+
+def check_generator(generator, batch: int, device: torch.device) -> None:
+    """``generator``: None, one ``torch.Generator`` on ``device``, or a list of ``batch`` of them (one per row of
+    the ``[batch, ...]`` state; see :func:`.loop.draw_noise`)."""
+    if generator is None:
+        return
+    many = isinstance(generator, (list, tuple))
+    gens = list(generator) if many else [generator]
+    if many and len(gens) != batch:
+        raise ValueError(f"generator is a list of {len(gens)} generators but the batch has {batch} rows; pass one "
+                         "generator per row (or a single generator)")
+    for i, g in enumerate(gens):
+        name = f"generator[{i}]" if many else "generator"
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"{name} must be a torch.Generator, got {type(g).__name__}")
+        if not same_device(g.device, device):
+            raise ValueError(f"{name} is on {g.device} but x is on {device}")
 
 
 def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond, net_dtype):
@@ -80,7 +98,7 @@ def sample(
     sigmas,
     sampler: str = "dpmpp_2m",
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
     callback: Optional[Callable[[dict[str, Any]], None]] = None,
     progress: bool = False,
     guidance_scale: Optional[float] = None,
@@ -109,6 +127,8 @@ def sample(
         sigmas: ``[N + 1]`` strictly decreasing, usually ending in 0 (see :mod:`diffusion_fast.schedules`).
         sampler: one of :data:`diffusion_fast.SAMPLERS`.
         generator: source of the ancestral / SDE noise; same seed, device and backend → bit-identical output.
+            A list of ``B`` generators draws row ``b``'s noise from ``generator[b]`` alone, so each row's noise
+            does not depend on the batch it shares (diffusers' list-of-generators convention).
         callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
         progress: show a progress bar.
         guidance_scale: classifier-free guidance scale ``g``: ``raw = u + g * (c - u)``.
@@ -131,8 +151,7 @@ def sample(
     s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
     if parametrization == "flow" and s[0] > 1.0:
         raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
-    if generator is not None and not same_device(generator.device, x.device):
-        raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+    check_generator(generator, x.shape[0], x.device)
     tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
                       need_denoised=callback is not None)
     if cuda_graph:
