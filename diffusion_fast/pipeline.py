@@ -204,13 +204,13 @@ class Pipeline:
     def __call__(
         self,
         prompt: Union[str, Sequence[str]],
-        negative_prompt: Optional[str] = None,
+        negative_prompt: Optional[Union[str, Sequence[str]]] = None,
         steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         sampler: Optional[str] = None,
         num_images: int = 1,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         callback: Optional[Callable[[dict], None]] = None,
         progress: bool = True,
         return_trajectory: bool = False,
@@ -220,14 +220,17 @@ class Pipeline:
 
         Args:
             prompt: one prompt or a list of prompts (``K = len(prompts) * num_images`` images in all).
-            negative_prompt: replaces the empty prompt as the unconditional half of guidance.
+            negative_prompt: replaces the empty prompt as the unconditional half of guidance; a list gives one
+                per prompt.
             steps: sampler steps (default from the model config, 20 for digits).
             guidance_scale: classifier-free guidance scale ``g`` (``uncond + g * (cond - uncond)``); 1 runs
                 the conditional model alone (and ignores ``negative_prompt``). Default from the model config.
             seed: the noise seed; same seed, device and backend give a bit-identical image.
             sampler: a name from ``diffusion_fast.SAMPLERS`` (default ``"dpmpp_2m"``).
             num_images: images per prompt, each from different noise.
-            generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``.
+            generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``, or a list of ``K`` of
+                them, one per image (prompt-major): image ``k``'s starting noise and sampler noise then come from
+                ``generator[k]`` alone, so it is the same image whatever other images share the call.
             callback: called after each step with the sampler's dict (``x``, ``i``, ``sigma``, ``sigma_next``,
                 ``denoised``).
             progress: show a progress bar.
@@ -239,12 +242,22 @@ class Pipeline:
             ``.seed`` and (on request) ``.trajectory``.
         """
         from . import SAMPLERS, sample
+        from .samplers.api import check_generator
+        from .samplers.loop import draw_noise
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a str or a non-empty list of str")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != len(prompts) or not all(isinstance(n, str) for n in negative_prompt):
+                raise ValueError(f"negative_prompt as a list must hold one str per prompt ({len(prompts)}), got "
+                                 f"{len(negative_prompt)} items")
+            negatives = list(negative_prompt)
+        elif negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            raise TypeError(f"negative_prompt must be a str, a list of str or None, got "
+                            f"{type(negative_prompt).__name__}")
         steps = _positive_int("steps", self.defaults.get("steps", 20) if steps is None else steps)
         num_images = _positive_int("num_images", num_images)
         sampler = self.defaults.get("sampler", "dpmpp_2m") if sampler is None else sampler
@@ -264,14 +277,15 @@ class Pipeline:
         cuda_graph = self.cuda_graph if cuda_graph is None else bool(cuda_graph)
 
         K = len(prompts) * num_images
+        check_generator(generator, K, self.device)
         cond = self.encode_prompts([p for p in prompts for _ in range(num_images)])
         guided = float(g) != 1.0
-        uncond = self.encode_prompts([negative_prompt or ""] * K) if guided else None
+        uncond = self.encode_prompts([n for n in negatives for _ in range(num_images)]) if guided else None
 
         cfg = self.unet.config
         shape = (K, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         sigmas = self.sigmas(steps)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        noise = draw_noise(shape, generator, self.device)
         x = noise * float(sigmas[0])
 
         trajectory: Optional[list[TrajectoryStep]] = None

@@ -71,3 +71,48 @@ def test_gpu_cuda_graph_with_per_row_generators_equals_eager():
     eager = df.sample(gauss_D, x, sig, "euler_ancestral", generator=_gens([1, 2, 3], "cuda"))
     graphed = df.sample(gauss_D, x, sig, "euler_ancestral", generator=_gens([1, 2, 3], "cuda"), cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+# -- the digits Pipeline passes per-image generators and per-prompt negatives through ------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    return df.Pipeline.from_pretrained("digits")
+
+
+def test_pipeline_image_k_starts_from_generator_k(pipe):
+    prompts = ["3", "7", "0"]
+    out = pipe(prompts, steps=3, generator=_gens([10, 20, 30]), progress=False, return_trajectory=True)
+    assert out.seed is None and len(out.images) == 3
+    for k, s in enumerate([10, 20, 30]):
+        alone = pipe(prompts[k], steps=3, seed=s, progress=False, return_trajectory=True)
+        assert torch.equal(out.trajectory[0].x[k], alone.trajectory[0].x[0])
+
+
+def test_pipeline_per_image_generators_with_num_images_are_prompt_major(pipe):
+    out = pipe(["3", "7"], steps=2, num_images=2, generator=_gens([1, 2, 3, 4]), progress=False,
+               return_trajectory=True)
+    z = out.trajectory[0].x
+    for k, s in enumerate([1, 2, 3, 4]):
+        assert torch.equal(z[k], torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) * z.new_tensor(
+            float(pipe.sigmas(2)[0])))
+
+
+def test_pipeline_negative_prompt_list_is_one_per_prompt(pipe):
+    both = pipe(["3", "3"], negative_prompt=["8", "0"], steps=4, generator=_gens([5, 5]), progress=False)
+    for k, neg in enumerate(["8", "0"]):
+        alone = pipe("3", negative_prompt=neg, steps=4, seed=5, progress=False)
+        # batched network calls may round differently in the last bits (see diffusion_fast.batch)
+        torch.testing.assert_close(both.samples[k], alone.samples[0], rtol=0, atol=1e-5)
+    assert not torch.equal(both.samples[0], both.samples[1])
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(negative_prompt=["8"]), ValueError, r"one str per prompt \(2\), got 1 items"),
+    (dict(negative_prompt=["8", 0]), ValueError, r"one str per prompt"),
+    (dict(negative_prompt=8), TypeError, r"negative_prompt must be a str, a list of str or None, got int"),
+    (dict(generator=[torch.Generator()]), ValueError, r"list of 1 generators but the batch has 2 rows"),
+])
+def test_pipeline_list_argument_errors(pipe, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        pipe(["3", "7"], steps=2, progress=False, **kwargs)
