@@ -251,25 +251,26 @@ def _entries(items) -> list[Entry]:
     return out
 
 
-def _int_field(name: str, v: object, lo: int, hi: int) -> Optional[str]:
+def _int_error(name: str, v: object, lo: int, hi: Optional[int] = None) -> Optional[str]:
     if isinstance(v, bool) or not isinstance(v, int):
         return f"{name} must be an integer, got {json.dumps(v)}"
-    if not lo <= v <= hi:
-        return f"{name} must be in [{lo}, {hi}], got {v}"
+    if v < lo or (hi is not None and v > hi):
+        return f"{name} must be in [{lo}, {hi}], got {v}" if hi is not None else f"{name} must be >= {lo}, got {v}"
     return None
 
 
-def _guidance_field(v: object) -> Optional[str]:
+def _guidance_error(v: object) -> Optional[str]:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        return f"guidance must be a finite number >= 0, got {json.dumps(v) if not isinstance(v, float) else v}"
+        return f"guidance must be a finite number >= 0, got {v if isinstance(v, float) else json.dumps(v)}"
     return None
 
 
 def _plan(entries: Sequence[Entry], engine: _Engine, *, seed: int, steps: Optional[int], sampler: Optional[str],
-         guidance: Optional[float], negative: Optional[str], images_per_prompt: int
-         ) -> tuple[list[Item], list[BadLine]]:
+          guidance: Optional[float], negative: Optional[str], images_per_prompt: int
+          ) -> tuple[list[Item], list[BadLine]]:
     """Resolve every entry into ``images_per_prompt`` items (line fields > call arguments > pipeline defaults) and
-    check each (types, ranges, sampler names, words the tokenizer knows). Returns ``(items, bad lines)``."""
+    check what the lines set (types, ranges, sampler names, words the tokenizer knows; the call's arguments are
+    checked by :func:`generate`). Returns ``(items, bad lines)``."""
     K = images_per_prompt
     items: list[Item] = []
     bad: list[BadLine] = []
@@ -286,37 +287,31 @@ def _plan(entries: Sequence[Entry], engine: _Engine, *, seed: int, steps: Option
         prompt = f.get("prompt", "")
         if not isinstance(prompt, str):
             errors.append(f"prompt must be a string, got {json.dumps(prompt)}")
+        elif engine.check_text(prompt):
+            errors.append(engine.check_text(prompt))
         neg = f.get("negative", negative)
-        if neg is not None and not isinstance(neg, str):
-            errors.append(f"negative must be a string or null, got {json.dumps(neg)}")
+        if "negative" in f and neg is not None:
+            if not isinstance(neg, str):
+                errors.append(f"negative must be a string or null, got {json.dumps(neg)}")
+            elif not engine.takes_negative:
+                errors.append("negative: this pipeline takes no negative prompt")
+            elif engine.check_text(neg):
+                errors.append(f"negative: {engine.check_text(neg)}")
         base = f.get("seed", seed + e.index * K)
         if "seed" in f:
-            err = _int_field("seed", base, 0, MAX_SEED - (K - 1))
-            if err:
-                errors.append(err)
+            errors.append(_int_error("seed", base, 0, MAX_SEED - (K - 1)))
         elif base + K - 1 > MAX_SEED:
-            errors.append(f"seed {seed} + {e.index * K} + {K - 1} is over {MAX_SEED}")
-        n_steps = f.get("steps", steps if steps is not None else engine.defaults["steps"])
-        err = _int_field("steps", n_steps, 1, 10_000)
-        if err:
-            errors.append(err)
+            errors.append(f"seed {seed} + {e.index} * {K} + {K - 1} is over {MAX_SEED}")
+        n_steps = f.get("steps", engine.defaults["steps"] if steps is None else steps)
+        if "steps" in f:
+            errors.append(_int_error("steps", n_steps, 1))
         name = f.get("sampler", sampler)
-        if name is not None:
-            err = engine.check_sampler(name)
-            if err:
-                errors.append(err)
-        g = f.get("guidance", guidance if guidance is not None else engine.defaults["guidance"])
-        err = _guidance_field(g)
-        if err:
-            errors.append(err)
-        if isinstance(prompt, str):
-            err = engine.check_text(prompt)
-            if err:
-                errors.append(err)
-        if isinstance(neg, str):
-            err = engine.check_text(neg) if engine.takes_negative else "this pipeline takes no negative prompt"
-            if err:
-                errors.append(f"negative: {err}")
+        if "sampler" in f:
+            errors.append(engine.check_sampler(name))
+        g = f.get("guidance", engine.defaults["guidance"] if guidance is None else guidance)
+        if "guidance" in f:
+            errors.append(_guidance_error(g))
+        errors = [err for err in errors if err]
         if errors:
             looks_json = len(f) == 1 and isinstance(prompt, str) and prompt.startswith("{") and prompt.endswith("}")
             hint = " (a JSON line in a text file? name the file .jsonl)" if looks_json else ""
@@ -334,7 +329,6 @@ def _plan(entries: Sequence[Entry], engine: _Engine, *, seed: int, steps: Option
 
 
 class _Engine:
-    kind = "pipeline"
     device: torch.device
     defaults: dict[str, Any]
     default_sampler: str
@@ -352,8 +346,6 @@ class _Engine:
 
 class _Ours(_Engine):
     """diffusion_fast's :class:`~diffusion_fast.pipeline.Pipeline`."""
-
-    kind = "diffusion_fast"
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -389,8 +381,6 @@ class _Diffusers(_Engine):
     """A diffusers pipeline that encodes prompts itself (``StableDiffusionPipeline``, SDXL, ... optimized or
     not). It samples with its own scheduler, so items cannot name a sampler."""
 
-    kind = "diffusers"
-
     def __init__(self, pipe) -> None:
         import inspect
 
@@ -411,9 +401,6 @@ class _Diffusers(_Engine):
     def check_sampler(self, name: object) -> Optional[str]:
         return (f"sampler: a diffusers pipeline samples with its scheduler ({self.default_sampler}); set "
                 f"pipe.scheduler instead of naming {json.dumps(name)}")
-
-    def check_text(self, text: str) -> Optional[str]:
-        return None
 
     def __call__(self, items: Sequence[Item]) -> list:
         first = items[0]
@@ -440,7 +427,8 @@ def _engine(pipe) -> _Engine:
 
     if isinstance(pipe, Pipeline):
         return _Ours(pipe)
-    if type(pipe).__module__.split(".")[0] == "diffusers":
+    diffusers = sys.modules.get("diffusers")  # a diffusers pipeline means diffusers is imported
+    if diffusers is not None and isinstance(pipe, diffusers.DiffusionPipeline):
         return _Diffusers(pipe)
     raise TypeError(f"pipe must be a diffusion_fast Pipeline or a diffusers pipeline, got {type(pipe).__name__}")
 
@@ -450,26 +438,20 @@ def _engine(pipe) -> _Engine:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _read_records(path: Path) -> tuple[list[dict], int]:
-    """Complete, parseable lines of a manifest file (a torn last line is ignored) and the count of bad ones."""
+def _read_records(path: Path) -> list[dict]:
+    """The complete, parseable lines of a manifest file (a line torn by a kill has no ``\\n`` and is ignored)."""
     try:
-        data = path.read_bytes()
+        lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:
-        return [], 0
-    lines = data.split(b"\n")
-    lines.pop()  # after the last "\n": empty, or a line torn by a kill
-    out, bad = [], 0
+        return []
+    lines.pop()  # after the last "\n": empty, or a torn line
+    out = []
     for raw in lines:
-        try:
+        with contextlib.suppress(ValueError):
             rec = json.loads(raw)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("file"), str):
-            out.append(rec)
-        else:
-            bad += 1
-    return out, bad
+            if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+                out.append(rec)
+    return out
 
 
 def _manifest_files(out: Path) -> list[Path]:
@@ -480,7 +462,7 @@ def _manifest_files(out: Path) -> list[Path]:
 def _all_records(out: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     for f in _manifest_files(out):
-        for rec in _read_records(f)[0]:
+        for rec in _read_records(f):
             records[rec["file"]] = rec  # later files (newer runs) win
     return records
 
@@ -833,6 +815,16 @@ def generate(
         raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
     if sampler is not None and engine.check_sampler(sampler):
         raise ValueError(engine.check_sampler(sampler))
+    if steps is not None and _int_error("steps", steps, 1):
+        raise ValueError(_int_error("steps", steps, 1))
+    if guidance is not None and _guidance_error(guidance):
+        raise ValueError(_guidance_error(guidance))
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise TypeError(f"negative must be a str or None, got {type(negative).__name__}")
+        err = engine.check_text(negative) if engine.takes_negative else "this pipeline takes no negative prompt"
+        if err:
+            raise BatchError(f"negative {negative!r}: {err}")
     todo_items, bad = _plan(_entries(items), engine, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
                            negative=negative, images_per_prompt=images_per_prompt)
     if bad and not skip_bad:
@@ -855,8 +847,10 @@ def _run(engine: _Engine, items: list[Item], bad: list[BadLine], out: Path, worl
         try:
             todo, already = _prepare(out, items, run)
             state = {"run": run, "todo": todo, "already": already, "digest": digest}
-        except BatchError as exc:
+        except BatchError as exc:  # told to every rank, so none waits for work that will not come
             state = {"error": exc.lines}
+        except OSError as exc:
+            state = {"error": [f"--out-dir {str(out)!r}: {exc}"]}
     else:
         state = {}
     state = world.broadcast(state)

@@ -330,6 +330,7 @@ def test_a_model_that_does_not_load_is_exit_2(capsys, prompts, tmp_path, model):
     (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["--images-per-prompt", "x"], "argument --images-per-prompt: must be an integer"),
     (["--device", "tpu"], "--device 'tpu'"),
+    (["--negative", "kiwi"], "negative 'kiwi': unknown word 'kiwi'"),
 ])
 def test_bad_options_are_one_line(capsys, prompts, tmp_path, argv, match):
     code, _, err = run(capsys, "batch", prompts, "--out-dir", tmp_path / "o", *argv)
@@ -383,6 +384,9 @@ def test_progress_bar_and_summary_line(pipe, capsys, tmp_path):
     (dict(images_per_prompt=True), ValueError, "images_per_prompt must be an int >= 1"),
     (dict(seed=-3), ValueError, r"seed must be an int in \[0, "),
     (dict(sampler="magic"), ValueError, "sampler must be one of"),
+    (dict(steps=0), ValueError, "steps must be >= 1, got 0"),
+    (dict(guidance=float("inf")), ValueError, "guidance must be a finite number >= 0, got inf"),
+    (dict(negative=3), TypeError, "negative must be a str or None, got int"),
     (dict(items={"prompt": "3"}), TypeError, "items must be a PROMPTS path or a list"),
     (dict(items=["3", 4]), BatchError, r"items\[1\]: must be a str or a dict"),
     (dict(pipe=object()), TypeError, "pipe must be a diffusion_fast Pipeline or a diffusers pipeline"),
