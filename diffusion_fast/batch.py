@@ -22,7 +22,7 @@ not on the world size, the batch size, the order of work or a resumption:
   ``aten::_slow_conv2d_forward``, which computes each sample with its own GEMM whose shape depends only on that
   sample. The other ops of a diffusion model (norms, softmax, attention's batched matmuls, elementwise math)
   compute each sample separately already; ``tests/test_batch.py`` checks whole runs byte for byte. The price on
-  CPU: about 0.6x the plain batched speed, still several times faster than one item per call.
+  CPU: 0.55-0.8x the plain batched speed, still about 3x faster than one item per call.
   ``batch_invariant=False`` (``--no-batch-invariant``) skips it, for speed where cuDNN matters; an image's last
   bits may then depend on the batch it was made in.
 
