@@ -102,21 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "resuming earlier runs; under torchrun the ranks share the work (see diffusion_fast.batch).")
     b.add_argument("prompts", metavar="PROMPTS", help="text file (one prompt a line) or .jsonl (one object a line: "
                    "prompt, negative, seed, steps, sampler, guidance; each optional, overriding the options)")
-    b.add_argument("--out-dir", required=True, help="output folder: {line:06d}-{image}.png and manifest.jsonl")
-    b.add_argument("--seed", type=_nonneg_int, default=0,
+    b.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="output folder: {line:06d}-{image}.png and manifest.jsonl")
+    b.add_argument("--seed", type=_nonneg_int, default=0, metavar="S",
                    help="image k of line j uses seed S + j*K + k (K images per prompt) unless the line names one")
-    b.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
-    b.add_argument("--sampler", default=None, help="sampler name (see `diffusion-fast samplers`)")
-    b.add_argument("--guidance", type=_guidance, default=None, help="guidance scale (default: the model's)")
-    b.add_argument("--negative", default=None, help="negative prompt for lines that set none")
-    b.add_argument("--images-per-prompt", type=_positive_int, default=1, help="images per line, K (default 1)")
-    b.add_argument("--batch-size", type=_positive_int, default=16, help="images per network call (default 16)")
-    b.add_argument("--model", default="digits", help="built-in model name or a model folder (default digits)")
+    b.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="sampler steps (default: the model's)")
+    b.add_argument("--sampler", default=None, metavar="NAME", help="sampler name (see `diffusion-fast samplers`)")
+    b.add_argument("--guidance", type=_guidance, default=None, metavar="G",
+                   help="guidance scale (default: the model's)")
+    b.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt for lines that set none")
+    b.add_argument("--images-per-prompt", type=_positive_int, default=1, metavar="K",
+                   help="images per line, K (default 1)")
+    b.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                   help="images per network call (default 16)")
+    b.add_argument("--model", default="digits", metavar="PATH",
+                   help="built-in model name or a model folder (default digits)")
     b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
                    help="ops backend (default auto)")
-    b.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu "
-                   "or cuda[:N]")
-    b.add_argument("--threads", type=_positive_int, default=1, help="CPU threads per process (default 1)")
+    b.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu or cuda[:N]")
+    b.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+                   help="CPU threads per process (default 1)")
     b.add_argument("--skip-bad", action="store_true", help="report bad PROMPTS lines and make the others")
     b.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="plain batched network calls: faster, but an image's last bits may depend on its batch")
