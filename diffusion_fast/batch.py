@@ -838,9 +838,14 @@ def generate(
         world.close()
 
 
+def _digest(items: Sequence[Item]) -> str:
+    """What every rank must agree on: the items, their settings and files."""
+    return hashlib.sha256(json.dumps([it.settings() | {"file": it.file} for it in items]).encode()).hexdigest()
+
+
 def _run(engine: _Engine, items: list[Item], bad: list[BadLine], out: Path, world: _World, batch_size: int,
          invariant: bool, progress: bool) -> Summary:
-    digest = hashlib.sha256(json.dumps([it.settings() | {"file": it.file} for it in items]).encode()).hexdigest()
+    digest = _digest(items)
     state: dict[str, Any]
     if world.rank == 0:
         run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"

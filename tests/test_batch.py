@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import diffusion_fast.batch as batch_mod
 from diffusion_fast import Pipeline
 from diffusion_fast.batch import (
     EXIT_HOOK_ENV,
@@ -416,3 +417,39 @@ def test_diffusers_pipeline_images_do_not_depend_on_batch_size(tmp_path):
     assert {r["sampler"] for r in recs} == {"PNDMScheduler"} and recs[4]["negative"] == "blue"
     with pytest.raises(BatchError, match=r"items\[0\]: sampler: a diffusers pipeline samples with its scheduler"):
         generate(sd, [{"prompt": "x", "sampler": "euler"}], tmp_path / "c", progress=False)
+
+
+# -- what a rank checks before any work -------------------------------------------------------------------------
+
+class _Rank1(batch_mod._World):
+    """Rank 1 of 2, receiving ``state`` as rank 0's broadcast (no processes needed)."""
+
+    def __init__(self, state):
+        super().__init__(rank=1, size=2)
+        self.state = state
+
+    def broadcast(self, obj):
+        return self.state
+
+    def all_gather(self, obj):
+        return [None, obj]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("unseen", r"rank 1 on .* cannot see .* --out-dir must be a folder every node shares"),
+    ("other items", r"rank 1 on .* planned other items \(different PROMPTS or options\)"),
+    ("error", r"rank 0 found this"),
+])
+def test_a_rank_that_cannot_share_the_work_stops_before_any_work(pipe, tmp_path, case, match):
+    engine = batch_mod._engine(pipe)
+    items, _ = batch_mod._plan(batch_mod._entries(["3", "7"]), engine, seed=0, steps=2, sampler=None, guidance=None,
+                               negative=None, images_per_prompt=1)
+    digest = batch_mod._digest(items)
+    (tmp_path / STATE_DIR).mkdir()
+    (tmp_path / STATE_DIR / "run-seen.json").write_text("{}")
+    state = {"unseen": {"run": "elsewhere", "todo": [0, 1], "already": 0, "digest": digest},
+             "other items": {"run": "seen", "todo": [0, 1], "already": 0, "digest": "0" * 64},
+             "error": {"error": ["rank 0 found this"]}}[case]
+    with pytest.raises(BatchError, match=match):
+        batch_mod._run(engine, items, [], tmp_path, _Rank1(state), 4, True, False)
+    assert list(tmp_path.glob("*.png")) == [] and list((tmp_path / STATE_DIR).glob("part-*")) == []
