@@ -830,6 +830,8 @@ def generate(
     if bad and not skip_bad:
         raise BatchError([str(b) for b in bad] + [f"{len(bad)} bad line{'s' if len(bad) > 1 else ''}; nothing "
                                                   "was generated (skip_bad / --skip-bad makes the others)"])
+    if not todo_items:
+        raise BatchError([f"skipped {b}" for b in bad] + ["nothing to make: no usable prompt lines"])
     out = Path(out_dir)
     world = _world(engine.device)
     try:

@@ -284,6 +284,14 @@ def test_skip_bad_reports_and_makes_the_others(capsys, bad_prompts, tmp_path):
     assert err.count("skipped p.jsonl:") == 10 and "10 bad lines skipped" in stdout
 
 
+def test_nothing_to_make_is_an_error(capsys, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("\n  \n")
+    code, _, err = run(capsys, "batch", path, "--out-dir", tmp_path / "o")
+    assert code == 2 and err == "diffusion-fast: error: nothing to make: no usable prompt lines\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_json_in_a_text_file_gets_a_hint(capsys, tmp_path):
     path = tmp_path / "p.txt"
     path.write_text('{"prompt": "3"}\n')
