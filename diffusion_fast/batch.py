@@ -5,7 +5,7 @@
     summary = generate(Pipeline.from_pretrained("digits"), ["3", "a handwritten seven"], "out", images_per_prompt=4)
 
     diffusion-fast batch prompts.txt --out-dir out                                  # one process
-    torchrun --nproc-per-node 2 -m diffusion_fast batch prompts.txt --out-dir out   # two (or N, or N nodes)
+    torchrun --standalone --nproc-per-node 2 -m diffusion_fast batch prompts.txt --out-dir out   # 2 processes
 
 What an item is. Line ``j`` of PROMPTS (0-based; a text line is a prompt, a JSONL line an object with the optional
 fields :data:`FIELDS`) makes ``K = images_per_prompt`` items ``(j, k)``. Item ``(j, k)`` is written to
@@ -33,14 +33,14 @@ the folder's state and broadcasts the work list; process groups are ``gloo`` on 
 on GPU (only small Python objects cross processes, through gloo). The out dir must be one folder all ranks see
 (a shared filesystem across nodes); this is checked before any work.
 
-Resumable and safe. Each image is written to ``.{file}.{run}.r{rank}.tmp`` in the out dir, fsynced and renamed;
-then its manifest line (index, image, prompt, negative, seed, sampler, steps, guidance, file, sha256, rank,
-seconds) is appended with one write, flushed and fsynced, to the rank's own part file
-``.batch/part-{run}-r{rank}.jsonl`` (one writer per file: appends from several nodes to one file are not atomic
-on NFS). At the end rank 0 merges the parts into ``manifest.jsonl`` (sorted, written by rename). A rerun skips
-items whose file and manifest line (merged or in a part left by a killed run) exist, so a killed job resumes
-where it stopped; a torn last line is ignored, stale temporary files are removed, and an item whose settings
-differ from the ones its existing file was made with is an error, not an overwrite.
+Resumable and safe. Each image is written to ``.{file}.{run}.r{rank}.tmp`` in the out dir and renamed; then its
+manifest line (index, image, prompt, negative, seed, sampler, steps, guidance, file, sha256, rank, seconds) is
+appended with one write to the rank's own part file ``.batch/part-{run}-r{rank}.jsonl`` (one writer per file:
+appends from several nodes to one file are not atomic on NFS), fsynced after each batch. At the end rank 0
+merges the parts into ``manifest.jsonl`` (sorted, written by rename). A rerun skips the items whose file holds
+the bytes their manifest line (merged, or in a part left by a killed run) records, so a killed job resumes where
+it stopped; a torn last line is ignored, stale temporary files are removed, and an item whose settings differ
+from the ones its existing file was made with is an error, not an overwrite.
 """
 
 from __future__ import annotations
