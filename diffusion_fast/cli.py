@@ -2,6 +2,7 @@
 
     diffusion-fast generate "a handwritten seven" --seed 7 -o seven.png [--strip strip.png]
     diffusion-fast explain "a handwritten seven" -o explain.html [--gif steps.gif]
+    diffusion-fast batch prompts.txt --out-dir out [--images-per-prompt K]   (torchrun -m diffusion_fast batch ...)
     diffusion-fast samplers
     diffusion-fast info
     diffusion-fast bench ...          (see ``diffusion-fast bench --help``)
@@ -126,6 +127,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for torch (default 1)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+
+    b = sub.add_parser("batch", help="a prompts file -> a folder of images (torchrun -m diffusion_fast for more "
+                       "processes)", description="Generate every image a PROMPTS file asks for into --out-dir, "
+                       "resuming earlier runs; under torchrun the ranks share the work (see diffusion_fast.batch).")
+    b.add_argument("prompts", metavar="PROMPTS", help="text file (one prompt a line) or .jsonl (one object a line: "
+                   "prompt, negative, seed, steps, sampler, guidance; each optional, overriding the options)")
+    b.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="output folder: {line:06d}-{image}.png and manifest.jsonl")
+    b.add_argument("--seed", type=_nonneg_int, default=0, metavar="S",
+                   help="image k of line j uses seed S + j*K + k (K images per prompt) unless the line names one")
+    b.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="sampler steps (default: the model's)")
+    b.add_argument("--sampler", default=None, metavar="NAME", help="sampler name (see `diffusion-fast samplers`)")
+    b.add_argument("--guidance", type=_guidance, default=None, metavar="G",
+                   help="guidance scale (default: the model's)")
+    b.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt for lines that set none")
+    b.add_argument("--images-per-prompt", type=_positive_int, default=1, metavar="K",
+                   help="images per line, K (default 1)")
+    b.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                   help="images per network call (default 16)")
+    b.add_argument("--model", default="digits", metavar="PATH",
+                   help="built-in model name or a model folder (default digits)")
+    b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+                   help="ops backend (default auto)")
+    b.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu or cuda[:N]")
+    b.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+                   help="CPU threads per process (default 1)")
+    b.add_argument("--skip-bad", action="store_true", help="report bad PROMPTS lines and make the others")
+    b.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="plain batched network calls: faster, but an image's last bits may depend on its batch")
 
     sub.add_parser("samplers", help="list the samplers", description="List the samplers, one line each.")
     sub.add_parser("info", help="versions and which backends run here",
@@ -293,6 +325,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import BatchError, run_command
+
+    try:
+        return run_command(args)
+    except BatchError as exc:  # one line per problem; other ranks than 0 stay quiet
+        if not exc.lines:
+            return 2
+        for line in exc.lines[:-1]:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        raise UsageError(exc.lines[-1]) from None
+
+
 def cmd_samplers(args: argparse.Namespace) -> int:
     from .samplers.tables import DESCRIPTIONS, SAMPLERS
 
@@ -362,7 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # argparse already printed its one line (or the help)
             return 0 if exc.code in (0, None) else 2
-        commands = {"generate": cmd_generate, "explain": cmd_explain, "samplers": cmd_samplers, "info": cmd_info}
+        commands = {"generate": cmd_generate, "explain": cmd_explain, "batch": cmd_batch, "samplers": cmd_samplers,
+                    "info": cmd_info}
         return commands[args.cmd](args)
     except UsageError as exc:
         return _fail(str(exc), 2)

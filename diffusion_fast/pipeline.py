@@ -31,7 +31,7 @@ import torch
 from .models.text import TextConfig, TextEncoder, WordTokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .ops._checks import FLOAT_DTYPES
-from .samplers.api import check_guidance_scale
+from .samplers.api import check_generator, check_guidance_scale
 from .samplers.tables import SAMPLERS
 
 FORMAT = "diffusion_fast.pipeline/1"
@@ -95,7 +95,7 @@ class Settings:
     checks. ``count`` is the number of images, ``len(prompts) * num_images``."""
 
     prompts: tuple[str, ...]
-    negative_prompt: Optional[str]
+    negative_prompts: tuple[str, ...]  # one per prompt ("" for none)
     steps: int
     sampler: Any
     guidance_scale: Any
@@ -436,13 +436,13 @@ class Pipeline:
     def settings(
         self,
         prompt: Union[str, Sequence[str]],
-        negative_prompt: Optional[str] = None,
+        negative_prompt: Optional[Union[str, Sequence[str]]] = None,
         steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         sampler: Optional[str] = None,
         num_images: int = 1,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         return_trajectory: bool = False,
     ) -> Settings:
@@ -453,9 +453,17 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a str or a non-empty list of str")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        for p in dict.fromkeys(prompts + [negative_prompt or ""]):
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != len(prompts) or not all(isinstance(n, str) for n in negative_prompt):
+                raise ValueError(f"negative_prompt as a list must hold one str per prompt ({len(prompts)}), got "
+                                 f"{len(negative_prompt)} items")
+            negatives = list(negative_prompt)
+        elif negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            raise TypeError(f"negative_prompt must be a str, a list of str or None, got "
+                            f"{type(negative_prompt).__name__}")
+        for p in dict.fromkeys(prompts + negatives):
             self.tokenizer.encode(p)  # an unknown word or a prompt too long: ValueError before any work
         steps = _int_in("steps", self.defaults.get("steps", 20) if steps is None else steps, 1, MAX_STEPS)
         num_images = _positive_int("num_images", num_images)
@@ -464,18 +472,15 @@ class Pipeline:
             raise ValueError("pass either seed or generator, not both")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise ValueError(f"seed must be an int with 0 <= seed < 2**64, got {seed!r}")
+        count = len(prompts) * num_images
         if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if resolve_device(generator.device) != self.device:
-                raise ValueError(f"generator is on {generator.device} but the pipeline runs on {self.device}")
+            check_generator(generator, count, self.device)
         elif seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        count = len(prompts) * num_images
         self._check_memory(count, steps, return_trajectory, num_images)
         sampler = self.defaults.get("sampler", "dpmpp_2m") if sampler is None else sampler
         g = self.defaults.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-        return Settings(tuple(prompts), negative_prompt, steps, sampler, g, num_images, count, seed, batch_size)
+        return Settings(tuple(prompts), tuple(negatives), steps, sampler, g, num_images, count, seed, batch_size)
 
     def _check_memory(self, count: int, steps: int, return_trajectory: bool, num_images: int) -> None:
         """Refuse a call whose results cannot fit in memory, before allocating them. Counted: the noise and the
@@ -498,13 +503,13 @@ class Pipeline:
     def __call__(
         self,
         prompt: Union[str, Sequence[str]],
-        negative_prompt: Optional[str] = None,
+        negative_prompt: Optional[Union[str, Sequence[str]]] = None,
         steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         sampler: Optional[str] = None,
         num_images: int = 1,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         callback: Optional[Callable[[dict], None]] = None,
         progress: bool = True,
         return_trajectory: bool = False,
@@ -515,7 +520,8 @@ class Pipeline:
 
         Args:
             prompt: one prompt or a list of prompts (``K = len(prompts) * num_images`` images in all).
-            negative_prompt: replaces the empty prompt as the unconditional half of guidance.
+            negative_prompt: replaces the empty prompt as the unconditional half of guidance; a list gives one
+                per prompt.
             steps: sampler steps, 1 to :data:`MAX_STEPS` (default from the model config, 20 for digits).
             guidance_scale: classifier-free guidance scale ``g`` (``uncond + g * (cond - uncond)``, finite,
                 ``>= 0``); 1 runs the conditional model alone (and ignores ``negative_prompt``). Default from the
@@ -525,7 +531,9 @@ class Pipeline:
                 CPU convolutions split their sums by thread count.
             sampler: a name from ``diffusion_fast.SAMPLERS`` (default ``"dpmpp_2m"``).
             num_images: images per prompt, each from different noise.
-            generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``.
+            generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``, or a list of ``K`` of
+                them, one per image (prompt-major): image ``k``'s starting noise and sampler noise then come from
+                ``generator[k]`` alone, so it is the same image whatever other images share the call.
             callback: called after each step with the sampler's dict (``x``, ``i``, ``sigma``, ``sigma_next``,
                 ``denoised``); with more than ``batch_size`` images, once per step for each batch.
             progress: show a progress bar.
@@ -545,6 +553,7 @@ class Pipeline:
                 a very large guidance scale overflowed float32. No image is returned.
         """
         from . import sample
+        from .samplers.loop import draw_noise
 
         st = self.settings(prompt, negative_prompt, steps, guidance_scale, seed, sampler, num_images, generator,
                            batch_size, return_trajectory)
@@ -555,8 +564,7 @@ class Pipeline:
         K = st.count
         cfg = self.unet.config
         sigmas = self.sigmas(st.steps)
-        noise = torch.randn((K, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
-                            device=self.device, dtype=torch.float32)
+        noise = draw_noise((K, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator, self.device)
         x_all = noise * float(sigmas[0])
 
         kwargs: dict[str, Any] = dict(generator=generator, progress=progress, prediction=self.prediction,
@@ -569,9 +577,12 @@ class Pipeline:
         for start in range(0, K, st.batch_size):
             stop = min(K, start + st.batch_size)
             x = x_all[start:stop]
+            if isinstance(generator, (list, tuple)):
+                kwargs["generator"] = list(generator[start:stop])
             kwargs["cond"] = self.encode_prompts([st.prompts[i // st.num_images] for i in range(start, stop)])
             if st.guided:
-                kwargs["uncond"] = self.encode_prompts([st.negative_prompt or ""] * (stop - start))
+                kwargs["uncond"] = self.encode_prompts([st.negative_prompts[i // st.num_images]
+                                                        for i in range(start, stop)])
             steps_seen: Optional[list[TrajectoryStep]] = None
             cb = callback
             if return_trajectory:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -61,6 +61,24 @@ def _sigmas_to_host(sigmas) -> np.ndarray:
     return s
 
 
+def check_generator(generator, batch: int, device: torch.device) -> None:
+    """``generator``: None, one ``torch.Generator`` on ``device``, or a list of ``batch`` of them (one per row of
+    the ``[batch, ...]`` state; see :func:`.loop.draw_noise`)."""
+    if generator is None:
+        return
+    many = isinstance(generator, (list, tuple))
+    gens = list(generator) if many else [generator]
+    if many and len(gens) != batch:
+        raise ValueError(f"generator is a list of {len(gens)} generators but the batch has {batch} rows; pass one "
+                         "generator per row (or a single generator)")
+    for i, g in enumerate(gens):
+        name = f"generator[{i}]" if many else "generator"
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"{name} must be a torch.Generator, got {type(g).__name__}")
+        if not same_device(g.device, device):
+            raise ValueError(f"{name} is on {g.device} but x is on {device}")
+
+
 def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond, net_dtype):
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, sigma[, cond]), got {type(model).__name__}")
@@ -106,7 +124,7 @@ def sample(
     sigmas,
     sampler: str = "dpmpp_2m",
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
     callback: Optional[Callable[[dict[str, Any]], None]] = None,
     progress: bool = False,
     guidance_scale: Optional[float] = None,
@@ -135,10 +153,12 @@ def sample(
         x: ``[B, ...]`` starting noise already multiplied by ``sigmas[0]`` (flow: pure noise at sigma 1).
         sigmas: ``[N + 1]`` strictly decreasing, usually ending in 0 (see :mod:`diffusion_fast.schedules`).
         sampler: one of :data:`diffusion_fast.SAMPLERS`.
-        generator: a ``torch.Generator`` on x's device, the source of the ancestral / SDE noise. The same
-            generator seed, device, backend and torch build give a bit-identical output; the loop's own
-            arithmetic is elementwise and does not depend on the CPU thread count, but a model's may (torch's CPU
-            convolutions and matrix products split their sums by ``torch.get_num_threads()``).
+        generator: a ``torch.Generator`` on x's device, the source of the ancestral / SDE noise, or a list of ``B``
+            generators: row ``b``'s noise is then drawn from ``generator[b]`` alone, so each row's noise does not
+            depend on the batch it shares (diffusers' list-of-generators convention). The same generator seeds,
+            device, backend and torch build give a bit-identical output; the loop's own arithmetic is elementwise
+            and does not depend on the CPU thread count, but a model's may (torch's CPU convolutions and matrix
+            products split their sums by ``torch.get_num_threads()``).
         callback: called after each step with ``{"x", "i", "sigma", "sigma_next", "denoised"}``.
         progress: show a progress bar.
         guidance_scale: classifier-free guidance scale ``g`` (finite, ``>= 0``): ``raw = u + g * (c - u)``.
@@ -174,11 +194,7 @@ def sample(
     s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
     if parametrization == "flow" and s[0] > 1.0:
         raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if not same_device(generator.device, x.device):
-            raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+    check_generator(generator, x.shape[0], x.device)
     tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
                       need_denoised=callback is not None)
     _check_float32_table(tables.plan.coef, guidance_scale)

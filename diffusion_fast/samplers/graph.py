@@ -179,9 +179,10 @@ def _check(inputs: Sequence[torch.Tensor], n_noise: int, noise_shape, generator)
         if t.device != device:
             raise ValueError(f"inputs[{i}] is on {t.device} but inputs[0] is on {device}; "
                              "a graph runs on one device")
-    if generator is not None and not same_device(generator.device, device):
-        raise ValueError(f"generator is on {generator.device} but the sampling tensors are on {device}; "
-                         "the noise must be drawn on the device the graph runs on")
+    for g in generator if isinstance(generator, (list, tuple)) else [generator]:  # one, or one per row
+        if g is not None and not same_device(g.device, device):
+            raise ValueError(f"generator is on {g.device} but the sampling tensors are on {device}; "
+                             "the noise must be drawn on the device the graph runs on")
     if torch.cuda.is_current_stream_capturing():
         raise ValueError("a CUDA graph cannot be captured or replayed while another one is being captured")
     return device
@@ -216,7 +217,8 @@ def graphed_call(
             order the eager loop makes them. It must not synchronise with the host or draw random numbers.
         n_noise: number of noise draws over the trajectory.
         noise_shape: shape of one draw (the sampler state's shape).
-        generator: the generator the eager loop would draw from (None: the device's default generator).
+        generator: the generator the eager loop would draw from (None: the device's default generator), or
+            the list of per-row generators it would draw from.
         warmup: eager runs on a side stream before capture (autotuning, library initialisation).
         graph_cache: where captured graphs are kept (default: the process-wide cache).
 
@@ -294,7 +296,8 @@ def run_graphed(
         tables: the plan's device tables (``loop.DeviceTables``), on x's CUDA device.
         model: the network, called by the loop as ``model(x_in, sigma[, context])``.
         x: ``[B, ...]`` starting sample on a CUDA device (already multiplied by ``sigmas[0]``).
-        generator: the noise generator (a CUDA generator on x's device, or None for the default one).
+        generator: the noise generator (a CUDA generator on x's device, a list of them, one per row of x, or
+            None for the default one).
         guidance_scale, cond, uncond, net_dtype, backend: as for :func:`.loop.run`.
         graph_cache: where graphs are kept (default: the process-wide cache).
 

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -70,8 +71,16 @@ def check_model_output(out, net_in: torch.Tensor) -> None:
         raise ValueError(f"model returned a tensor on {out.device} for an input on {net_in.device}")
 
 
-def draw_noise(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal from ``generator``."""
+def draw_noise(shape, generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]],
+               device: torch.device) -> torch.Tensor:
+    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal from ``generator``.
+
+    ``generator`` is one generator for the whole tensor, or a list of ``shape[0]`` generators: row ``b`` is then
+    ``torch.randn(shape[1:])`` from ``generator[b]`` alone (diffusers' list-of-generators convention), so a row's
+    noise is the same whatever other rows share the batch."""
+    if isinstance(generator, (list, tuple)):
+        row = tuple(shape[1:])
+        return torch.stack([torch.randn(row, generator=g, device=device, dtype=torch.float32) for g in generator])
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
