@@ -1,7 +1,7 @@
 """Backend registry: which implementation of an op serves a given call.
 
 Every op (``group_norm``, ``attention``, ``sampler_step``) has a reference backend ``"torch"`` and may have
-fast backends (``"triton"``, ``"cuda"``). A backend is registered by the *name of the module* that holds it,
+fast backends (``"triton"``, ``"cuda"``; attention also ``"sdpa"``, torch's own kernels). A backend is registered by the *name of the module* that holds it,
 so that importing ``diffusion_fast`` never imports Triton or loads the CUDA extension; the module is
 imported the first time the backend is considered.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "sdpa")  # "sdpa" (torch's own kernels) serves attention only
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,6 +69,12 @@ _REGISTRY: dict[str, dict[str, _Entry]] = {}
 # with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.
 _FAST_SMALL = ("cuda", "triton", "torch")
 _FAST_LARGE = ("triton", "cuda", "torch")
+# Attention falls back to torch's SDPA kernels before the float32 reference, for the calls our kernels decline
+# (e.g. head dims the CUDA kernels are not compiled for). Where SDPA beats our kernels on time inside a CUDA
+# graph is for a GPU run of `diffusion-fast bench ops` to show (the `auto` case and per-backend graph times);
+# the order above is still the host-timed crossover of run2.
+_ATTN_SMALL = ("cuda", "triton", "sdpa", "torch")
+_ATTN_LARGE = ("triton", "cuda", "sdpa", "torch")
 
 
 def _group_norm_rule(call: dict[str, Any]) -> tuple[str, ...]:
@@ -82,7 +88,7 @@ def _attention_rule(call: dict[str, Any]) -> tuple[str, ...]:
     q, k = call["q"], call["k"]
     Sq, Sk, D = q.shape[1], k.shape[1], q.shape[3]
     pow2 = D & (D - 1) == 0
-    return _FAST_SMALL if Sk <= 128 or Sq * Sk <= (1 << 21) or not pow2 else _FAST_LARGE
+    return _ATTN_SMALL if Sk <= 128 or Sq * Sk <= (1 << 21) or not pow2 else _ATTN_LARGE
 
 
 def _sampler_step_rule(call: dict[str, Any]) -> tuple[str, ...]:
