@@ -38,6 +38,14 @@ def test_oracle_attention_equals_torch_sdpa_in_float64():
     torch.testing.assert_close(oracle.attention(q, k, v, 0.3), want.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
+def test_oracle_attention_chunks_over_queries(monkeypatch):
+    q, k, v = torch.randn(1, 50, 2, 16), torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
+    whole, lowp = oracle.attention(q, k, v, 0.25), oracle.attention_lowp(q, k, v, 0.25)
+    monkeypatch.setattr(oracle, "_CHUNK_SCORES", 2 * 30 * 7)  # 7 queries per chunk
+    torch.testing.assert_close(oracle.attention(q, k, v, 0.25), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracle.attention_lowp(q, k, v, 0.25), lowp, rtol=1e-6, atol=1e-6)
+
+
 def test_oracle_sampler_step_writes_slots_as_documented():
     from diffusion_fast.ops.rows import AD, AX, BD, BX, CIN, G, P, Q, coef_width
 

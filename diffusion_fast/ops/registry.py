@@ -1,9 +1,9 @@
 """Backend registry: which implementation of an op serves a given call.
 
 Every op (``group_norm``, ``attention``, ``sampler_step``) has a reference backend ``"torch"`` and may have
-fast backends (``"triton"``, ``"cuda"``; attention also ``"sdpa"``, torch's own kernels). A backend is registered by the *name of the module* that holds it,
-so that importing ``diffusion_fast`` never imports Triton or loads the CUDA extension; the module is
-imported the first time the backend is considered.
+fast backends (``"triton"``, ``"cuda"``; attention also ``"sdpa"``, torch's own kernels). A backend is
+registered by the *name of the module* that holds it, so that importing ``diffusion_fast`` never imports
+Triton or loads the CUDA extension; the module is imported the first time the backend is considered.
 
 A backend module defines:
 

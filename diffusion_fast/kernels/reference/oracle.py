@@ -62,12 +62,25 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return y
 
 
+_CHUNK_SCORES = 1 << 26  # score elements per chunk of queries (512 MiB of float64): large shapes stay in memory
+
+
+def _query_chunks(q: torch.Tensor, k: torch.Tensor):
+    B, Sq, H, _ = q.shape
+    step = max(1, _CHUNK_SCORES // max(1, B * H * k.shape[1]))
+    return ((s, min(Sq, s + step)) for s in range(0, Sq, step))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` in float64: q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` -> ``[B, Sq, H, D]``."""
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    p = p / p.sum(-1, keepdim=True)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    kd, vd = k.double(), v.double()
+    for a, b in _query_chunks(q, k):
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, a:b].double(), kd) * scale
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        p = p / p.sum(-1, keepdim=True)
+        out[:, a:b] = torch.einsum("bhqk,bkhd->bqhd", p, vd)
+    return out
 
 
 def sampler_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor, slots: torch.Tensor | None,
@@ -130,10 +143,13 @@ def group_norm_lowp(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 
 def attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention with the products in the inputs' dtype and the softmax rounded to it: the yardstick."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    s = (qt @ kt.transpose(-1, -2)) * scale
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
-    return (p @ vt).transpose(1, 2)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    for a, b in _query_chunks(q, k):
+        s = (q[:, a:b].transpose(1, 2) @ kt.transpose(-1, -2)) * scale
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+        out[:, a:b] = (p @ vt).transpose(1, 2)
+    return out
 
 
 def sampler_step_lowp(x, model_output, coef, slots, hist, noise, net_input=None):
