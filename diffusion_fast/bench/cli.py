@@ -246,11 +246,11 @@ def _same_file(a: str, b: str) -> bool:
 
 def _check_plot_path(path: str, inputs: Sequence[str]) -> None:
     """Refuse, before any work, a plot path that is not a .png or that names one of the input files."""
-    if os.path.splitext(path)[1].lower() != ".png":
-        raise _UsageError(f"--plot {path!r}: the plot is a PNG image; give a path ending in .png")
     for name in inputs:
         if _same_file(path, name):
             raise _UsageError(f"--plot {path!r} is the input results file {name!r}; refusing to overwrite it")
+    if os.path.splitext(path)[1].lower() != ".png":
+        raise _UsageError(f"--plot {path!r}: the plot is a PNG image; give a path ending in .png")
     if os.path.isdir(path):
         raise _UsageError(f"--plot {path!r} is a directory")
     parent = os.path.dirname(os.path.abspath(path))

@@ -270,7 +270,11 @@ def validate(doc: Any, where: str = "results") -> dict:
         _need(isinstance(c.get("samples"), int) and c["samples"] >= 1, f"{w}.samples",
               f"expected a positive integer, got {c.get('samples')!r}")
         for k in CASE_OPTIONAL_NUM:
-            _check_num(c, k, w, optional=True)
+            _check_num(c, k, w, optional=True, positive=k.startswith("graph_") and k.endswith("_ms"))
+        if c.get("graph_median_ms") is not None:
+            _need(c.get("graph_p20_ms") is not None and c.get("graph_p80_ms") is not None
+                  and c["graph_p20_ms"] <= c["graph_median_ms"] <= c["graph_p80_ms"], w,
+                  "expected graph_p20_ms <= graph_median_ms <= graph_p80_ms")
         for k in ("speedup", "graph_speedup"):
             sp = c.get(k, {})
             _need(isinstance(sp, dict) and all(isinstance(n, str) and _is_num(v) for n, v in sp.items()),
