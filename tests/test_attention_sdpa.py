@@ -60,3 +60,32 @@ def test_sdpa_is_registered_and_auto_falls_back_to_it_on_cuda():
 def test_sdpa_forward_is_the_registry_dispatch():
     q = torch.randn(1, 3, 1, 8)
     assert registry.resolve("attention", "sdpa", q.device, dict(q=q, k=q, v=q, scale=0.1)) is sdpa.forward
+
+
+# ----------------------------------------------------------------------------------------------- GPU ---
+SD15 = [(2, 4096, 4096, 8, 40), (2, 1024, 1024, 8, 80), (2, 256, 256, 8, 160), (2, 4096, 77, 8, 40),
+        (2, 1024, 77, 8, 80), (2, 256, 77, 8, 160)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD15, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sd15_shapes_bf16(shape):
+    B, Sq, Sk, H, D = shape
+    q, k, v = rand((B, Sq, H, D), torch.bfloat16, "cuda", 1), rand((B, Sk, H, D), torch.bfloat16, "cuda", 2), \
+        rand((B, Sk, H, D), torch.bfloat16, "cuda", 3)
+    check(ops.attention(q, k, v, backend="sdpa"), q, k, v, D**-0.5, f"{shape}")
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_replays_in_a_cuda_graph():
+    q, k, v = (rand((2, 1024, 8, 80), torch.bfloat16, "cuda", i) for i in range(3))
+    ops.attention(q, k, v, backend="sdpa")  # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.attention(q, k, v, backend="sdpa")
+    for i in range(3):
+        q.copy_(rand((2, 1024, 8, 80), torch.bfloat16, "cuda", 10 + i))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ops.attention(q, k, v, backend="sdpa"))
