@@ -167,8 +167,9 @@ e2e_part() {
   t=$(cap "$planned" "$reserve")
   stamp "$name: $model (cap ${t}s)"
   if [ "$t" -gt 0 ]; then
+    # --time-limit lets the run end itself and write what it measured; timeout is the backstop.
     timeout "$t" "$PY" -m diffusion_fast.bench e2e --device "$DEV" --model "$model" --no-progress --quick-peaks \
-      --json "$WORK/$name.json" "$@" > "$WORK/$name.log" 2>&1
+      --time-limit $(( t * 85 / 100 )) --json "$WORK/$name.json" "$@" > "$WORK/$name.log" 2>&1
     phase "$name" $? "$s" "$*"
   else
     phase "$name" skipped "$s" "out of time"
@@ -196,7 +197,8 @@ stamp "ops (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   if [ "$MODE" = gpu ]; then
     timeout "$T" "$PY" -m diffusion_fast.bench ops --device cuda --dtype bf16 --sets sd15,sdxl,large \
-      --budget-ms 30 --compile-budget 15 --no-progress --json "$WORK/ops.json" > "$WORK/ops.log" 2>&1
+      --budget-ms 30 --compile-budget 15 --time-limit $(( T * 80 / 100 )) --no-progress \
+      --json "$WORK/ops.json" > "$WORK/ops.log" 2>&1
   else
     timeout "$T" "$PY" -m diffusion_fast.bench ops --device cpu --threads 1 --quick-peaks --budget-ms 5 \
       --no-progress --json "$WORK/ops.json" > "$WORK/ops.log" 2>&1

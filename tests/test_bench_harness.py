@@ -492,15 +492,26 @@ def test_scalar_read_counter_sees_item_and_device_reads():
 
 
 @pytest.fixture(scope="module")
-def e2e_run():
-    """One run on diffusers' tiny SD1.5 pipeline: the stock pipeline, our UNet with the same weights, and the
-    compile recipe (dynamo with the eager backend: the recipe's plumbing without Inductor's compile time)."""
+def tiny_ctx():
+    """diffusers' tiny SD1.5 pipeline with random weights and its inputs (built once: importing diffusers and
+    building the pipeline is most of an e2e test's time). Tests copy it with ``dataclasses.replace``."""
+    from diffusion_fast.bench.e2e import build_context
+
+    return build_context("sd15-tiny", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tiny_ctx):
+    """One run: the stock pipeline, our UNet with the same weights, and the compile recipe (dynamo with the
+    eager backend: the recipe's plumbing without Inductor's compile time)."""
+    import dataclasses
+
     from diffusion_fast.bench.e2e import run_e2e
 
-    return run_e2e(torch.device("cpu"), torch.float32, model="sd15-tiny", steps=4, repeats=2,
+    ctx = dataclasses.replace(tiny_ctx, compile_cap_s=300, compile_backend="eager")
+    return run_e2e(torch.device("cpu"), torch.float32, steps=4, repeats=2, context=ctx,
                    variants=["diffusers_eager", "diffusers_graph", "diffusers_compile", "ours_eager", "ours_fast",
-                             "ours_fast_graph", "df_kernels", "df_fused_graph"],
-                   compile_cap_s=300, compile_backend="eager")
+                             "ours_fast_graph", "df_kernels", "df_fused_graph"])
 
 
 def test_e2e_times_every_variant_that_runs_on_a_cpu(e2e_run, tmp_path):
@@ -548,11 +559,12 @@ def test_e2e_times_every_variant_that_runs_on_a_cpu(e2e_run, tmp_path):
     assert "e2e sd15-tiny" in table and "ours_fast" in table and "df_fused_graph: needs a CUDA device" in table
 
 
-def test_e2e_compile_falls_back_to_a_cheaper_mode_and_says_so(monkeypatch):
+def test_e2e_compile_falls_back_to_a_cheaper_mode_and_says_so(monkeypatch, tiny_ctx):
+    import dataclasses
+
     from diffusion_fast.bench import e2e
 
-    ctx = e2e.build_context("sd15-tiny", torch.device("cpu"), torch.float32, compile_cap_s=60,
-                            compile_backend="eager")
+    ctx = dataclasses.replace(tiny_ctx, compile_cap_s=60, compile_backend="eager")
     real = e2e.E2EContext.compile
 
     def slow_recipe(self, module, mode, *, in_place=False):
@@ -610,3 +622,19 @@ def test_measure_graph_needs_cuda():
 
     with pytest.raises(ValueError, match="CUDA"):
         measure_graph([lambda: None], torch.device("cpu"))
+
+
+def test_a_time_limit_records_what_did_not_run_and_still_writes(tmp_path, tiny_ctx):
+    import time
+
+    path = tmp_path / "ops.json"
+    assert main(["ops", *FAST_ARGS, "--ops", "group_norm", "--time-limit", "1e-9", "--json", str(path)]) == 1
+    doc = R.load(path)  # written although nothing was measured in time
+    assert doc["cases"] == [] and doc["config"]["time_limit_s"] == 1e-9
+    assert all("time limit" in s["reason"] for s in doc["skipped"] if s["key"].startswith("group_norm/tiny/"))
+    from diffusion_fast.bench.e2e import run_e2e
+
+    cases, skipped = run_e2e(torch.device("cpu"), torch.float32, steps=4, repeats=1, context=tiny_ctx,
+                             variants=["diffusers_eager", "ours_eager"], deadline=time.perf_counter())
+    assert cases == [] and [s["reason"] for s in skipped] == ["not run: this run's time limit (--time-limit) "
+                                                              "was reached"] * 2

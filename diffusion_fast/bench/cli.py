@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +59,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (CPU runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick-peaks", action="store_true", help="measure the peaks on smaller buffers")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="end the suites within about this many seconds: what does not fit is recorded as not "
+                        "run, and the results are still written")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show progress on stderr (default: when stderr is a terminal)")
@@ -130,6 +134,8 @@ def _run_suites(args: argparse.Namespace, suites: Sequence[str]) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.threads is not None and args.threads < 1:
         raise _UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.time_limit is not None and not (0 < args.time_limit < float("inf")):
+        raise _UsageError(f"--time-limit must be a number of seconds > 0, got {args.time_limit}")
     if "ops" in suites:
         for name, given, known in (("--sets", args.sets, SETS), ("--ops", args.ops, OPS)):
             for item in _csv(given or ""):
@@ -177,8 +183,9 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
     from .peaks import measure_peaks
 
     cuda = device.type == "cuda"
+    deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
     config = {"argv": list(getattr(args, "_argv", [])), "device": str(device), "dtype": str(dtype).split(".")[-1],
-              "seed": args.seed}
+              "seed": args.seed, "time_limit_s": args.time_limit}
     progress = Progress(0, enabled=args.progress)
     progress.add(1)
     progress.step("measuring copy bandwidth and matmul rate")
@@ -197,7 +204,9 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
             config.update(sets=sets, ops=ops, impls=impls, budget_ms=budget, compile_budget_s=cbudget)
             try:
                 run = run_ops(device, dtype, ops=ops, sets=sets, impls=impls, peaks=peaks, budget_ms=budget,
-                              compile_budget_s=cbudget, progress=progress, seed=args.seed)
+                              compile_budget_s=cbudget, progress=progress, seed=args.seed,
+                              deadline=None if deadline is None else
+                              deadline - (0.5 * (deadline - time.perf_counter()) if "e2e" in suites else 0))
             except ValueError as exc:
                 raise _UsageError(str(exc)) from None
             doc["suites"].append("ops")
@@ -212,7 +221,7 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
             e2e = _e2e_settings(args, cuda)
             config.update(e2e)
             try:
-                cases, skipped = run_e2e(device, dtype, seed=args.seed, progress=progress, **e2e)
+                cases, skipped = run_e2e(device, dtype, seed=args.seed, progress=progress, deadline=deadline, **e2e)
             except ValueError as exc:
                 raise _UsageError(str(exc)) from None
             doc["suites"].append("e2e")

@@ -346,9 +346,11 @@ def _ours(name: str):
         cond = ctx.embeds["prompt_embeds"]
         uncond = ctx.embeds["negative_prompt_embeds"]
 
+        models: dict[int, Callable] = {}  # one model callable per schedule, kept: a CUDA graph is cached by it
+
         def run(steps: int) -> torch.Tensor:
             sched = ctx.schedule(steps)
-            model = lambda x, s, c: net(x, sched.sigma_to_timestep(s), c)  # noqa: E731
+            model = models.setdefault(steps, lambda x, s, c, sched=sched: net(x, sched.sigma_to_timestep(s), c))
             # diffusers' latents are the VP state at the first sigma; ours is VE: x = z * sqrt(1 + sigma_0^2).
             x = ctx.latents.float() * math.sqrt(1.0 + float(sched.sigmas[0]) ** 2)
             with torch.no_grad():
@@ -549,6 +551,7 @@ def run_e2e(
     fp32_reference: bool = False,
     progress: Progress | None = None,
     context: E2EContext | None = None,
+    deadline: float | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Benchmark full sampling calls of every variant on one model, same weights and inputs.
 
@@ -568,6 +571,9 @@ def run_e2e(
         fp32_reference: also run the stock pipeline in float32 (untimed) and judge every output against it.
         progress: progress display or None.
         context: a prepared :func:`build_context` (default: built here).
+        deadline: a ``time.perf_counter()`` value the run must end by: variants not set up in the first 60% of
+            the time left, rounds and counts that would not fit, are recorded as not run (the results are still
+            written, rather than the whole run being killed).
 
     Returns:
         ``(cases, skipped)`` in the results schema.
@@ -600,11 +606,18 @@ def run_e2e(
     if progress is not None:
         progress.add(len(table) + 1)
 
+    start = time.perf_counter()
+    setup_end = None if deadline is None else start + 0.6 * (deadline - start)
+    out_of_time = "not run: this run's time limit (--time-limit) was reached"
+
     # 1. Set up each variant: build, warm up (compile, capture) under the cap, record memory and output.
     for v in table:
         key = prefix + v.name
         if progress is not None:
             progress.step(key)
+        if setup_end is not None and time.perf_counter() > setup_end:
+            skip(skipped, key, out_of_time)
+            continue
         if v.cuda_only and not ctx.cuda:
             skip(skipped, key, "needs a CUDA device (CUDA graphs)")
             continue
@@ -619,6 +632,8 @@ def run_e2e(
             if reason is not None:
                 attempts[label_m] = reason
                 continue
+            if setup_end is not None and cap is not None:
+                cap = max(1.0, min(cap, setup_end - time.perf_counter()))
             try:
                 entry = _attempt(ctx, v, method, steps, cap)
             except _CompileTimeout:
@@ -648,7 +663,10 @@ def run_e2e(
     # 2. Time: rounds across every live variant, so drift over the run hits all of them alike.
     if progress is not None:
         progress.step(prefix + "timing")
-    for _ in range(repeats):
+    for r in range(repeats):
+        round_s = sum((e.times[-1] if e.times else e.first_call_s * 1e3) for e in live) * 1e-3
+        if r > 0 and deadline is not None and time.perf_counter() + 1.2 * round_s > deadline:
+            break  # the rounds so far are the measurement; how many ran is in each case's samples
         for entry in live:
             synchronize(ctx.device)
             t0 = time.perf_counter()
@@ -662,6 +680,9 @@ def run_e2e(
     for i, entry in enumerate(live):
         counts[i] = {}
         compiled = entry.variant.compiled or entry.method == "reduce-overhead"
+        if deadline is not None and time.perf_counter() + 1e-3 * quantile(entry.times, 0.5) > deadline:
+            entry.params["sync_count_error"] = out_of_time
+            continue
         try:
             for n in SYNC_STEPS:
                 entry.runner(n)

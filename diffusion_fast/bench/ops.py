@@ -472,6 +472,7 @@ def run_ops(
     cache_bytes: int | None = None,
     progress: Progress | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> OpsRun:
     """Run the op benchmarks.
 
@@ -488,6 +489,8 @@ def run_ops(
         cache_bytes: last-level cache size for the input rotation (default: the GPU's L2, 32 MiB on CPU).
         progress: progress display, or None.
         seed: seed of the input generator.
+        deadline: a ``time.perf_counter()`` value; shapes not started by then are recorded as skipped (so a
+            time-boxed run still writes its results).
 
     Returns:
         :class:`OpsRun`.
@@ -530,6 +533,10 @@ def run_ops(
         progress.add(sum(1 for spec, _, _ in plan for im in impl_lists[spec.name] if im.skip is None))
 
     for spec, set_name, shape in plan:
+        if deadline is not None and time.perf_counter() > deadline:
+            skip(skipped, f"{spec.name}/{set_name}/{shape.name}/{dtype_name(dtype)}/*",
+                 "not run: this run's time limit (--time-limit) was reached")
+            continue
         n_sets = rotation_count(shape.footprint, cache_bytes, max_sets=16 if cuda else 4,
                                 max_total_bytes=rotate_limit)
         try:
