@@ -87,3 +87,11 @@ def test_verify_bad_arguments_exit_2_with_one_line(args, message, capsys):
     assert cli_main(["verify", "--device", "cpu", *args] if "--device" not in args else ["verify", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("diffusion-fast verify: error:")
+
+
+def test_verify_time_limit_lists_what_did_not_run(capsys, tmp_path):
+    out = tmp_path / "v.json"
+    assert verify.main(["--device", "cpu", "--ops", "group_norm", "--time-limit", "1e-9", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "not run (time limit)" in text and "0 failed" in text  # nothing checked is not a pass, nor a failure
+    assert {c["status"] for c in json.loads(out.read_text())["checks"]} == {"not run"}

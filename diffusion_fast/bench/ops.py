@@ -522,7 +522,8 @@ def run_ops(
     cases: list[dict] = []
     skipped: list[dict] = []
 
-    plan = [(SPECS[op], s, sh) for op in ops for s in sets for sh in shapes(op, s, dtype)]
+    # Set by set (all ops of the first set, then the next): a time limit drops whole sets, not a whole op.
+    plan = [(SPECS[op], s, sh) for s in sets for op in ops for sh in shapes(op, s, dtype)]
     impl_lists = {op: [im for im in implementations(op, device, math_limit_bytes=math_limit)
                        if impls is None or im.name in impls] for op in ops}
     for op, lst in impl_lists.items():
