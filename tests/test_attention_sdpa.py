@@ -49,8 +49,9 @@ def test_sdpa_reads_strided_views_and_scale(device):
 def test_sdpa_is_registered_and_auto_falls_back_to_it_on_cuda():
     assert registry.status("attention")["sdpa"] is None
     assert "sdpa" not in registry.status("group_norm")
-    with pytest.raises(registry.BackendUnavailable, match="not registered"):
-        ops.group_norm(torch.randn(1, 4, 2, 2), 2, backend="sdpa")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        ops.group_norm(torch.randn(1, 4, 2, 2), 2, backend="sdpa")  # an attention backend only
+    assert "sdpa" not in registry.BACKENDS and "sdpa" in registry.names("attention")
     meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731 - shapes only
     for q, k in ((meta(2, 4096, 8, 40), meta(2, 77, 8, 40)), (meta(2, 4096, 10, 64), meta(2, 4096, 10, 64))):
         order = registry.auto_order("attention", "cuda", {"q": q, "k": k})

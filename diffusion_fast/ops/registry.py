@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "sdpa")  # "sdpa" (torch's own kernels) serves attention only
+BACKENDS = ("torch", "triton", "cuda")  # the backend names every op may have
+EXTRA_BACKENDS = {"attention": ("sdpa",)}  # torch's own attention kernels (scaled_dot_product_attention)
+
+
+def names(op: str) -> tuple[str, ...]:
+    """The backend names ``op`` may have: :data:`BACKENDS` and its own extras."""
+    return BACKENDS + EXTRA_BACKENDS.get(op, ())
 
 
 class BackendUnavailable(RuntimeError):
@@ -105,16 +111,16 @@ _AUTO_ORDER: dict[str, dict[str, tuple[str, ...] | Callable[[dict[str, Any]], tu
 
 def register(op: str, name: str, module: str) -> None:
     """Register backend ``name`` of ``op``, implemented in the importable module ``module``."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend name must be one of {BACKENDS}, got {name!r}")
+    if name not in names(op):
+        raise ValueError(f"backend name must be one of {names(op)}, got {name!r}")
     _REGISTRY.setdefault(op, {})[name] = _Entry(op, name, module)
 
 
 def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
     """Set the order in which ``backend="auto"`` tries backends of ``op`` on ``device_type``."""
     for name in order:
-        if name not in BACKENDS:
-            raise ValueError(f"order: unknown backend {name!r}; expected names from {BACKENDS}")
+        if name not in names(op):
+            raise ValueError(f"order: unknown backend {name!r}; expected names from {names(op)}")
     _AUTO_ORDER.setdefault(op, {})[device_type] = tuple(order)
 
 
@@ -146,8 +152,8 @@ def resolve(op: str, backend: str, device: torch.device, call: dict[str, Any]) -
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     entries = backends(op)
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        if backend not in names(op):
+            raise ValueError(f"backend must be 'auto' or one of {names(op)}, got {backend!r}")
         entry = entries.get(backend)
         if entry is None:
             raise BackendUnavailable(f"{op}: backend {backend!r} is not registered for this op")
