@@ -511,7 +511,7 @@ def e2e_run(tiny_ctx):
     ctx = dataclasses.replace(tiny_ctx, compile_cap_s=300, compile_backend="eager")
     return run_e2e(torch.device("cpu"), torch.float32, steps=4, repeats=2, context=ctx,
                    variants=["diffusers_eager", "diffusers_graph", "diffusers_compile", "ours_eager", "ours_fast",
-                             "ours_fast_graph", "df_kernels", "df_fused_graph"])
+                             "ours_fast_graph", "ours_fast_cl", "df_kernels", "df_fused_graph"])
 
 
 def test_e2e_times_every_variant_that_runs_on_a_cpu(e2e_run, tmp_path):
@@ -520,7 +520,7 @@ def test_e2e_times_every_variant_that_runs_on_a_cpu(e2e_run, tmp_path):
     cases, skipped = e2e_run
     by = {c["impl"]: c for c in cases}
     df_runs = _df_api()[1] is None
-    assert set(by) == {"diffusers_eager", "diffusers_compile", "ours_eager", "ours_fast"} | (
+    assert set(by) == {"diffusers_eager", "diffusers_compile", "ours_eager", "ours_fast", "ours_fast_cl"} | (
         {"df_kernels"} if df_runs else set())
     reasons = {s["key"].rsplit("/", 1)[1]: s["reason"] for s in skipped}
     for name in ("diffusers_graph", "ours_fast_graph", "df_fused_graph"):
@@ -537,7 +537,7 @@ def test_e2e_times_every_variant_that_runs_on_a_cpu(e2e_run, tmp_path):
         assert c["params"]["output_finite"]
         assert c["kind"] == ("baseline" if c["family"] == "diffusers" else "variant")
     eager = by["diffusers_eager"]
-    for name in ("ours_eager", "ours_fast", "diffusers_compile"):
+    for name in ("ours_eager", "ours_fast", "ours_fast_cl", "diffusers_compile"):
         c = by[name]
         # same weights, same inputs, same schedule: the same trajectory to float32 rounding
         assert c["params"]["rel_l2_diff"] < 1e-4, (name, c["params"]["rel_l2_diff"])

@@ -16,7 +16,8 @@ walks the same schedule. Variants (``family`` in the results):
   that actually ran (a cheaper one when the recipe's compile does not finish within ``compile_cap_s``);
 * ``ours_eager``, ``ours_fast``, ``ours_fast_graph`` — *our own* UNet (``diffusion_fast.models``) loaded with the
   same weights, sampled by ``diffusion_fast.sample``: plain-torch ops, ``auto`` ops, and the whole trajectory
-  as one CUDA graph (SD1.5-layout UNets only; others are recorded as not available);
+  as one CUDA graph (SD1.5-layout UNets only; others are recorded as not available); ``ours_fast_cl`` and
+  ``ours_fast_graph_cl`` the same with the network in channels_last;
 * ``df_kernels`` — ``optimize(pipe)``; ``df_fused_graph`` — ``optimize(pipe, fused_loop=True,
   cuda_graph=True)``; ``df_fused_graph_compile`` — the same with the UNet under ``torch.compile`` (our custom
   ops inside the compiled graph). Each is one entry calling the public integration API; when that API is not
@@ -329,28 +330,40 @@ def _ours_unet(ctx: E2EContext):
     return net.eval().requires_grad_(False)
 
 
-_OURS = {  # loop backend, op backends, CUDA graph
-    "ours_eager": ("torch", dict(group_norm="eager", attention="sdpa"), False),
-    "ours_fast": ("auto", dict(backend="auto"), False),
-    "ours_fast_graph": ("auto", dict(backend="auto"), True),
+_OURS = {  # loop backend, op backends, CUDA graph, channels_last
+    "ours_eager": ("torch", dict(group_norm="eager", attention="sdpa"), False, False),
+    "ours_fast": ("auto", dict(backend="auto"), False, False),
+    "ours_fast_graph": ("auto", dict(backend="auto"), True, False),
+    "ours_fast_cl": ("auto", dict(backend="auto"), False, True),
+    "ours_fast_graph_cl": ("auto", dict(backend="auto"), True, True),
 }
 
 
 def _ours(name: str):
-    loop_backend, op_backends, graph = _OURS[name]
+    loop_backend, op_backends, graph, channels_last = _OURS[name]
 
     def setup(ctx: E2EContext, mode: str | None) -> Runner:
         from .. import sample
 
         net = _ours_unet(ctx).set_backend(**op_backends)
+        if channels_last:
+            # Convolutions and GroupNorm run NHWC; the attention blocks' [B, C, H, W] -> [B, HW, C] becomes a
+            # view. The network's 4-channel output is made contiguous for the fused sampler step.
+            net = net.to(memory_format=torch.channels_last)
         cond = ctx.embeds["prompt_embeds"]
         uncond = ctx.embeds["negative_prompt_embeds"]
-
         models: dict[int, Callable] = {}  # one model callable per schedule, kept: a CUDA graph is cached by it
+
+        def model_for(sched):
+            if channels_last:
+                return lambda x, s, c: net(x, sched.sigma_to_timestep(s), c).contiguous()
+            return lambda x, s, c: net(x, sched.sigma_to_timestep(s), c)
 
         def run(steps: int) -> torch.Tensor:
             sched = ctx.schedule(steps)
-            model = models.setdefault(steps, lambda x, s, c, sched=sched: net(x, sched.sigma_to_timestep(s), c))
+            if steps not in models:
+                models[steps] = model_for(sched)
+            model = models[steps]
             # diffusers' latents are the VP state at the first sigma; ours is VE: x = z * sqrt(1 + sigma_0^2).
             x = ctx.latents.float() * math.sqrt(1.0 + float(sched.sigmas[0]) ** 2)
             with torch.no_grad():
@@ -422,6 +435,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ours_eager", "ours", _ours("ours_eager"), available=_ours_available),
     Variant("ours_fast", "ours", _ours("ours_fast"), available=_ours_available),
     Variant("ours_fast_graph", "ours", _ours("ours_fast_graph"), cuda_only=True, available=_ours_available),
+    Variant("ours_fast_cl", "ours", _ours("ours_fast_cl"), available=_ours_available),
+    Variant("ours_fast_graph_cl", "ours", _ours("ours_fast_graph_cl"), cuda_only=True, available=_ours_available),
     _variant_df("df_kernels"),
     _variant_df("df_fused_graph", cuda_only=True, fused_loop=True, cuda_graph=True),
     _variant_df("df_fused_graph_compile", cuda_only=True, compiled=True, fused_loop=True, cuda_graph=True),
