@@ -499,6 +499,7 @@ class _Live:
     peak_bytes: int | None
     output: torch.Tensor
     params: dict
+    warm_s: float = 0.0  # the last warm-up call: an estimate of one timed call
     times: list[float] = field(default_factory=list)
 
 
@@ -524,10 +525,12 @@ def _attempt(ctx: E2EContext, v: Variant, method: str | None, steps: int, cap: f
         first = time.perf_counter() - t0
         warm = 2 if (v.compiled or method == "reduce-overhead") else 1
         for _ in range(warm):  # reduce-overhead records its CUDA graphs on the calls after the compile
+            t1 = time.perf_counter()
             runner(steps)
-        synchronize(ctx.device)
+            synchronize(ctx.device)
+        warm_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(ctx.device) - before if cuda else None
-    return _Live(v, runner, method, first, peak, out.detach().float().clone(), {})
+    return _Live(v, runner, method, first, peak, out.detach().float().clone(), {}, warm_s)
 
 
 def _methods(ctx: E2EContext, v: Variant) -> list[tuple[str | None, float | None, str | None]]:
@@ -586,9 +589,9 @@ def run_e2e(
         fp32_reference: also run the stock pipeline in float32 (untimed) and judge every output against it.
         progress: progress display or None.
         context: a prepared :func:`build_context` (default: built here).
-        deadline: a ``time.perf_counter()`` value the run must end by: variants not set up in the first 60% of
-            the time left, rounds and counts that would not fit, are recorded as not run (the results are still
-            written, rather than the whole run being killed).
+        deadline: a ``time.perf_counter()`` value the run must end by: a variant whose setup would leave too
+            little time for the rounds and counts of those already set up, rounds and counts that would not
+            fit, are recorded as not run (the results are still written, rather than the whole run killed).
 
     Returns:
         ``(cases, skipped)`` in the results schema.
@@ -621,16 +624,23 @@ def run_e2e(
     if progress is not None:
         progress.add(len(table) + 1)
 
-    start = time.perf_counter()
-    setup_end = None if deadline is None else start + 0.6 * (deadline - start)
     out_of_time = "not run: this run's time limit (--time-limit) was reached"
+
+    def time_left_for_setup() -> float:
+        """Seconds a further setup may take: the deadline less the rounds, counts and a reference still to run
+        for the variants set up so far (each ~ its warm-up call), and a few calls for the next one."""
+        if deadline is None:
+            return math.inf
+        unit = max((e.warm_s for e in live), default=0.0)
+        tail = (repeats + 1) * sum(e.warm_s for e in live) + (2 if fp32_reference else 0) * unit + 3 * unit
+        return deadline - time.perf_counter() - tail - 5.0
 
     # 1. Set up each variant: build, warm up (compile, capture) under the cap, record memory and output.
     for v in table:
         key = prefix + v.name
         if progress is not None:
             progress.step(key)
-        if setup_end is not None and time.perf_counter() > setup_end:
+        if time_left_for_setup() < 1.0:
             skip(skipped, key, out_of_time)
             continue
         if v.cuda_only and not ctx.cuda:
@@ -647,8 +657,8 @@ def run_e2e(
             if reason is not None:
                 attempts[label_m] = reason
                 continue
-            if setup_end is not None and cap is not None:
-                cap = max(1.0, min(cap, setup_end - time.perf_counter()))
+            if cap is not None and deadline is not None:
+                cap = max(1.0, min(cap, time_left_for_setup()))
             try:
                 entry = _attempt(ctx, v, method, steps, cap)
             except _CompileTimeout:
@@ -724,7 +734,7 @@ def run_e2e(
         from ..samplers import graph
 
         graph.clear_cache()
-    del live
+    live.clear()  # the variants' pipelines, graphs and compiled code go before the memory is released
     _free(ctx.device)
     return cases, skipped
 
