@@ -14,10 +14,12 @@
 #   (slot)      E2E_EXTRA_MODELS, e.g. a Flux-shaped case, from what is left        120       -
 #   ops         op benchmarks sd15/sdxl/large, every backend + auto + baselines,     120      90
 #               host-issued and graph-replay GPU time, peaks of this card
+#   profile     one SD1.5 UNet forward (diffusers', ours) in a CUDA graph under      45      25
+#               torch.profiler: GPU time per kernel and per category
 #   tests       `pytest -m gpu`, one process per file, three at a time               90      45
 #   sanitizer   compute-sanitizer memcheck + racecheck on sanitize_cuda.py         2x45      40
 #   summary     merge the JSON, print the short table LAST                            -       5
-#                                                                            typical total ~490 of 540
+#                                                                            typical total ~515 of 540
 #
 # Each phase gets min(its cap, what is left of the budget minus a reserve for the phases after it); a phase with
 # under 10 s left is skipped and says so. torch.compile of a full UNet in the recipe's max-autotune mode takes
@@ -194,7 +196,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------ ops
 S=$(date +%s)
-T=$(cap 120 80)
+T=$(cap 120 120)
 stamp "ops (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   if [ "$MODE" = gpu ]; then
@@ -208,6 +210,20 @@ if [ "$T" -gt 0 ]; then
   phase ops $? "$S"
 else
   phase ops skipped "$S" "out of time"
+fi
+
+# ------------------------------------------------------------------------------------------------ profile
+S=$(date +%s)
+T=$(cap 45 90)
+stamp "profile (cap ${T}s)"
+if [ "$T" -gt 0 ]; then
+  REPLAYS=5
+  [ "$MODE" = smoke ] && REPLAYS=1
+  timeout "$T" "$PY" benchmarks/profile_step.py --replays "$REPLAYS" --json "$WORK/profile.json" \
+    > "$WORK/profile.log" 2>&1
+  phase profile $? "$S"
+else
+  phase profile skipped "$S" "out of time"
 fi
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -287,6 +303,8 @@ fi
   echo "--- sanitizers"; cat "$WORK/sanitizer.txt" 2> /dev/null
   grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$WORK"/memcheck.log "$WORK"/racecheck.log 2> /dev/null
   echo "--- verify"; grep -E "^(FAIL|ok|error|cpu|cuda)" "$WORK/verify.log" 2> /dev/null | head -12
+  echo "--- one UNet forward in a CUDA graph, by kernel category"
+  grep -E "^[a-z_]+: .* ms per forward|^  [a-z_]+ +[0-9.]+ ms" "$WORK/profile.log" 2> /dev/null | head -16
   if [ -f "$WORK/bench.json" ]; then
     echo "--- benchmarks"; "$PY" -m diffusion_fast.bench show "$WORK/bench.json" 2>&1 | tail -90
   else
