@@ -285,7 +285,8 @@ fi
 
 # ------------------------------------------------------------------------------------------------ summary
 S=$(date +%s)
-PARTS=$(ls "$WORK"/e2e_*.json "$WORK"/ops.json 2> /dev/null | tr '\n' ' ')
+# ops first: the merged document keeps the first part's peaks, and the op suite measures them in full.
+PARTS=$(ls "$WORK"/ops.json "$WORK"/e2e_*.json 2> /dev/null | tr '\n' ' ')
 if [ -n "$PARTS" ]; then
   # shellcheck disable=SC2086
   timeout 30 "$PY" -m diffusion_fast.bench merge $PARTS --json "$WORK/bench.json" > "$WORK/merge.log" 2>&1

@@ -638,3 +638,22 @@ def test_a_time_limit_records_what_did_not_run_and_still_writes(tmp_path, tiny_c
                              variants=["diffusers_eager", "ours_eager"], deadline=time.perf_counter())
     assert cases == [] and [s["reason"] for s in skipped] == ["not run: this run's time limit (--time-limit) "
                                                               "was reached"] * 2
+
+
+def test_diffusers_graph_keeps_the_faster_method_and_records_the_other():
+    from diffusion_fast.bench.e2e import _pick_graph_method
+
+    def case(method, ms):
+        return {"impl": "diffusers_graph", "key": f"e2e/sd15/x/bf16/diffusers_graph@{method}", "median_ms": ms,
+                "params": {"graph_method": method}}
+
+    cases = [{"impl": "diffusers_eager", "key": "e2e/sd15/x/bf16/diffusers_eager", "median_ms": 9.0, "params": {}},
+             case("cuda_graph", 5.0), case("reduce-overhead", 4.0)]
+    _pick_graph_method(cases, ("cuda_graph", "reduce-overhead"))
+    assert [c["key"] for c in cases] == ["e2e/sd15/x/bf16/diffusers_eager", "e2e/sd15/x/bf16/diffusers_graph"]
+    g = cases[1]["params"]
+    assert g["graph_method"] == "reduce-overhead" and g["candidates"] == {"cuda_graph": "5.000 ms",
+                                                                          "reduce-overhead": "4.000 ms"}
+    cases = [case("cuda_graph", 5.0)]
+    _pick_graph_method(cases, ("cuda_graph",))
+    assert cases[0]["params"]["candidates"]["reduce-overhead"].startswith("not measured")

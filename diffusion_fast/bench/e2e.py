@@ -722,7 +722,7 @@ def run_e2e(
     reference = _fp32_output(ctx, steps) if fp32_reference else None
     cases = [_case(ctx, e, counts.get(i, {}), prefix, params, steps) for i, e in enumerate(live)]
     _compare_outputs(cases, live, reference)
-    _pick_graph_method(cases)
+    _pick_graph_method(cases, ctx.graph_methods)
     ratios(cases, is_baseline=lambda c: c["family"] != "df")
     eager = next((c for c in cases if c["impl"] == "diffusers_eager"), None)
     for c in cases:
@@ -777,13 +777,17 @@ def _case(ctx: E2EContext, e: _Live, counts: dict[int, SyncCounter], prefix: str
     return case
 
 
-def _pick_graph_method(cases: list[dict]) -> None:
-    """Keep the faster ``diffusers_graph`` candidate as the case; the other's time goes into its params."""
+def _pick_graph_method(cases: list[dict], tried: Sequence[str]) -> None:
+    """Keep the faster ``diffusers_graph`` candidate as the case; the other's time (or why it has none) goes
+    into its params."""
     graph = [c for c in cases if c["impl"] == "diffusers_graph"]
     if not graph:
         return
     best = min(graph, key=lambda c: c["median_ms"])
     best["params"]["candidates"] = dict(best["params"].get("attempts", {}))
+    for m in ("cuda_graph", "reduce-overhead"):
+        if m not in tried:
+            best["params"]["candidates"][m] = "not measured in this run (--graph-methods)"
     for c in graph:
         best["params"]["candidates"][c["params"]["graph_method"]] = f"{c['median_ms']:.3f} ms"
         if c is not best:
