@@ -415,7 +415,10 @@ def _df(*, compile_unet: bool = False, **options: Any):
         if optimize is None:
             raise Unavailable(NOT_AVAILABLE + why)
         pipe = ctx.fresh_pipeline()
-        optimize(pipe, **options)
+        try:
+            optimize(pipe, **options)
+        except NotImplementedError as exc:  # the API names the option but does not implement it yet
+            raise Unavailable(NOT_AVAILABLE + first_line(exc)) from None
         if compile_unet:
             ctx.compile(pipe.unet, mode or RECIPE_COMPILE_MODE, in_place=True)
         return _pipe_runner(ctx, pipe)
@@ -667,7 +670,7 @@ def run_e2e(
                 _free(ctx.device)
                 continue
             except Unavailable as exc:
-                attempts[label_m] = str(exc)
+                attempts = {"": str(exc)}  # the reason itself, not one method's outcome
                 break
             except Exception as exc:  # a variant that fails here is recorded with its reason
                 attempts[label_m] = first_line(exc)
@@ -677,7 +680,7 @@ def run_e2e(
             if v.compiled:  # the first mode that compiles in time is the one measured
                 break
         if not got:
-            reasons = "; ".join(f"{m}: {r}" for m, r in attempts.items()) or "no method ran"
+            reasons = "; ".join(f"{m}: {r}" if m else r for m, r in attempts.items()) or "no method ran"
             skip(skipped, key, reasons if reasons.startswith(NOT_AVAILABLE) else f"did not run: {reasons}")
             continue
         for entry in got:
