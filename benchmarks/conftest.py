@@ -27,6 +27,8 @@ def pytest_addoption(parser):
                     help="activation dtype; default bf16 on CUDA, fp32 on CPU")
     group.addoption("--bench-e2e-steps", type=int, default=None,
                     help="sampling steps of the end-to-end cases; default 25 on CUDA, 4 on CPU")
+    group.addoption("--bench-e2e-model", default=None,
+                    help="diffusers model of the end-to-end cases; default sd15 on CUDA, sd15-tiny on CPU")
 
 
 def bench_device() -> torch.device:
@@ -48,7 +50,7 @@ def bench_sets(config) -> list[str]:
 def pytest_generate_tests(metafunc):
     if "op_case" not in metafunc.fixturenames:
         return
-    from diffusion_fast.bench.ops import OPS, SETS, SHAPES, case_key, implementations
+    from diffusion_fast.bench.ops import OPS, SETS, SPECS, case_key, implementations
 
     sets = bench_sets(metafunc.config)
     for s in sets:
@@ -59,11 +61,11 @@ def pytest_generate_tests(metafunc):
     for op in OPS:
         impls = implementations(op, device, math_limit_bytes=(16 << 30) if HAS_CUDA else (256 << 20))
         for s in sets:
-            for shape in SHAPES[op](s, dtype):
+            for shape in SPECS[op].shapes(s, dtype):
                 for impl in impls:
                     if impl.compiled:  # torch.compile build times belong to the CLI's capped budget
                         continue
-                    cases.append((shape, impl, device, dtype))
+                    cases.append((SPECS[op], shape, impl, device, dtype))
                     ids.append(case_key(shape, dtype, impl.name))
     metafunc.parametrize("op_case", cases, ids=ids)
 

@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn, Optional
 
+from . import verify
+
 PROG = "diffusion-fast"
 OPS = ("group_norm", "attention", "sampler_step")
 
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions and which backends run here",
                    description="Versions, and for each op which backends are usable here (and why not).")
     sub.add_parser("bench", help="benchmarks (diffusion-fast bench --help)", add_help=False)
+    verify.add_arguments(sub.add_parser("verify", help="check every kernel usable here against the float64 oracle"))
     return p
 
 
@@ -408,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as exc:  # argparse already printed its one line (or the help)
             return 0 if exc.code in (0, None) else 2
         commands = {"generate": cmd_generate, "explain": cmd_explain, "batch": cmd_batch, "samplers": cmd_samplers,
-                    "info": cmd_info}
+                    "info": cmd_info, "verify": verify.command}
         return commands[args.cmd](args)
     except UsageError as exc:
         return _fail(str(exc), 2)

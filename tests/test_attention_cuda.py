@@ -1,9 +1,10 @@
 """CUDA attention (mma.sync, fp16/bf16) against float64, flash-attention style.
 
-Tolerance: the kernel's max error against a float64 reference must be at most twice that of the same
-computation done by PyTorch in the low precision (matmuls and softmax in fp16/bf16), plus half an ulp of
-the output's magnitude (the rounding any fp16/bf16 output carries). Every served head dim, both paths
-(short Sk <= 128, flash), odd Sq/Sk, strided q/k/v views, NaN-poisoned outputs, determinism, CUDA graphs.
+Tolerance (``kernels/reference/oracle.py``): the kernel's max error against the float64 oracle must be at most
+twice that of the same computation done by PyTorch in the low precision (matmuls in fp16/bf16, softmax rounded
+to it), plus half an ulp of the output's magnitude (the rounding any fp16/bf16 output carries). Every served
+head dim, both paths (short Sk <= 128, flash), odd Sq/Sk, strided q/k/v views, NaN-poisoned outputs,
+determinism, CUDA graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from diffusion_fast import ops
 from diffusion_fast.kernels.cuda import attention as cuda_attn
+from diffusion_fast.kernels.reference import oracle
 
 pytestmark = pytest.mark.gpu
 
@@ -25,40 +27,14 @@ HEAD_DIMS = [40, 64, 80, 128, 160]
 SIZES = [(2, 37, 77, 3), (1, 130, 128, 2), (2, 5, 1, 1), (1, 70, 129, 2), (1, 257, 300, 1), (1, 1000, 1000, 2)]
 
 
-def attention64(q, k, v, scale):
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    p = torch.softmax(s, dim=-1)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
-
-
-def attention_lowp(q, k, v, scale):
-    """PyTorch in the storage precision: what a plain low-precision implementation gets."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    s = (qt @ kt.transpose(-1, -2)) * scale
-    return (torch.softmax(s, dim=-1) @ vt).transpose(1, 2)
-
-
 def assert_attention_close(out, q, k, v, scale, what):
-    ref = attention64(q, k, v, scale)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), what
-    assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was never written)"
-    err = (out.double() - ref).abs().max().item()
-    lowp_err = (attention_lowp(q, k, v, scale).double() - ref).abs().max().item()
-    half_ulp = torch.finfo(q.dtype).eps / 2 * ref.abs().max().item()
-    tol = 2 * lowp_err + half_ulp
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} (PyTorch {q.dtype}: {lowp_err:.3g})"
+    oracle.assert_close(out, oracle.attention(q, k, v, scale), oracle.attention_lowp(q, k, v, scale), what=what)
 
 
 @pytest.fixture
 def poison(monkeypatch):
-    real = cuda_attn._empty_output
-
-    def nan_output(q):
-        out = real(q)
-        out.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(cuda_attn, "_empty_output", nan_output)
+    monkeypatch.setattr(cuda_attn, "_empty_output", oracle.poisoned(cuda_attn._empty_output))
 
 
 def qkv(B, Sq, Sk, H, D, dtype, seed):

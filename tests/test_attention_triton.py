@@ -1,9 +1,9 @@
 """Triton attention against the reference: interpreter on CPU (fp16, fp32), compiled kernels on a GPU (+bf16).
 
-Tolerance (flash-attention style): the kernel's max error against a float64 evaluation must be at most twice
-the error of a plain PyTorch attention computed in the same dtype (scores and output products in that dtype,
-softmax rounded to it), plus a floor of half an output ulp (fp16/bf16) or 1e-5 (fp32), relative to the
-largest value. Outputs start as NaN wherever the test owns the buffer.
+Tolerance (flash-attention style, ``kernels/reference/oracle.py``): the kernel's max error against the float64
+oracle must be at most twice the error of a plain PyTorch attention computed in the same dtype (scores and
+output products in that dtype, softmax rounded to it), plus a floor of half an output ulp (fp16/bf16) or 1e-5
+(fp32), relative to the largest value. Outputs start as NaN wherever the test owns the buffer.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from diffusion_fast import ops
-from diffusion_fast.kernels.reference import attention as ref
+from diffusion_fast.kernels.reference import oracle
 from diffusion_fast.kernels.triton import _autotune, _common
 from diffusion_fast.kernels.triton import attention as ta
 from diffusion_fast.ops.registry import BackendUnavailable
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 CPU_DTYPES = [torch.float16, torch.float32]  # the interpreter's tl.dot is wrong for bf16
 
 
@@ -26,31 +25,13 @@ def rand(shape, dtype, device, seed):
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
-def lowp_torch(q, k, v, scale):
-    """Attention in the inputs' own dtype: the same-precision yardstick."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    s = (qt @ kt.transpose(-1, -2)) * scale
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
-    return (p @ vt).transpose(1, 2)
-
-
 def assert_close(out, q, k, v, scale, what=""):
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert not torch.isnan(out).any(), f"{what}: {int(torch.isnan(out).sum())} NaN elements"
-    r64 = ref.forward(q.double(), k.double(), v.double(), scale)
-    err = (out.double() - r64).abs()
-    pt_err = (lowp_torch(q, k, v, scale).double() - r64).abs().max().item()
-    floor = FLOOR[q.dtype] * max(1.0, r64.abs().max().item())
-    bound = 2 * pt_err + floor
-    if err.max().item() > bound:
-        idx = torch.nonzero(err > bound)[:5].tolist()
-        detail = ", ".join(f"{tuple(i)}: got {out[tuple(i)].item():.6g} want {r64[tuple(i)].item():.6g}" for i in idx)
-        raise AssertionError(f"{what}: max error {err.max().item():.3g} > 2 x torch {pt_err:.3g} + {floor:.3g}; "
-                             f"first mismatches {detail}")
+    oracle.assert_close(out, oracle.attention(q, k, v, scale), oracle.attention_lowp(q, k, v, scale), what=what)
 
 
 def run_poisoned(q, k, v, scale, cfg):
-    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    out = oracle.nan_like(torch.empty(q.shape, dtype=q.dtype, device=q.device))
     ta.launch(q, k, v, scale, out, cfg)
     return out
 

@@ -2,8 +2,9 @@
 
 Every dtype and both layouts, odd shapes (scalar and 16-byte vector paths), ranks 3 to 5, the split grid
 (two launches) and the fused grid (one launch), NaN-poisoned outputs, bitwise determinism, a non-default
-stream and CUDA graph replay. Tolerance: at most twice the reference backend's own error against float64
-(its float32 math plus one rounding to the storage dtype), plus 1e-5 of the output's magnitude.
+stream and CUDA graph replay. Tolerance (``kernels/reference/oracle.py``): at most twice the
+reference backend's own error against the float64 oracle (its float32 math plus one rounding to the storage
+dtype), plus 1e-5 of the output's magnitude.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from diffusion_fast import ops
 from diffusion_fast.kernels.cuda import _ext
 from diffusion_fast.kernels.cuda import group_norm as cuda_gn
+from diffusion_fast.kernels.reference import oracle
 
 pytestmark = pytest.mark.gpu
 
@@ -22,23 +24,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # rank 3 and rank 5; C=1280 (channels_last with 160 vector columns); one group of all channels.
 SHAPES = [(1, 320, 64, 64, 32), (2, 64, 9, 7, 8), (1, 30, 8, 8, 5), (3, 12, 5, 4), (2, 16, 3, 4, 5, 4),
           (1, 1280, 8, 8, 32), (2, 24, 6, 6, 1)]
-
-
-def gn64(x, G, weight=None, bias=None, eps=1e-5, activation=None, add=None):
-    N, C = x.shape[:2]
-    tail = (1,) * (x.dim() - 2)
-    h = x.double()
-    if add is not None:
-        h = h + add.double().view(N, C, *tail)
-    g = h.reshape(N, G, -1)
-    mean = g.mean(-1, keepdim=True)
-    var = (g - mean).square().mean(-1, keepdim=True)
-    y = ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    if weight is not None:
-        y = y * weight.double().view(1, C, *tail) + bias.double().view(1, C, *tail)
-    if activation == "silu":
-        y = y * torch.sigmoid(y)
-    return y
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -51,28 +36,13 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def assert_matches(out, ref_out, ref64, x, what):
     assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == x.stride(), what
-    assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was never written)"
-    err = (out.double() - ref64).abs()
-    ref_err = (ref_out.double() - ref64).abs().max().item()
-    tol = 2 * ref_err + 1e-5 * ref64.abs().max().item()
-    if err.max().item() > tol:
-        idx = err.flatten().argsort(descending=True)[:5]
-        raise AssertionError(f"{what}: max error {err.max().item():.3g} > {tol:.3g} (reference backend: "
-                             f"{ref_err:.3g}); worst (got, exact): "
-                             f"{[(out.flatten()[i].item(), ref64.flatten()[i].item()) for i in idx]}")
+    oracle.assert_close(out, ref64, ref_out, floor=1e-5, what=what)
 
 
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs start as NaN, so an element the kernel never writes fails the comparison."""
-    real = cuda_gn._empty_output
-
-    def nan_output(x):
-        out = real(x)
-        out.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(cuda_gn, "_empty_output", nan_output)
+    monkeypatch.setattr(cuda_gn, "_empty_output", oracle.poisoned(cuda_gn._empty_output))
 
 
 def make(shape, dtype, channels_last, *, seed, affine=True, with_add=True, param_dtype=None):
@@ -101,7 +71,7 @@ def test_group_norm_cuda_matches_float64(dtype, shape, channels_last, variant, p
     assert cuda_gn.supports(x, G, w, b, 1e-5, act, add) is None
     out = ops.group_norm(x, G, w, b, 1e-5, act, add=add, backend="cuda")
     ref = ops.group_norm(x, G, w, b, 1e-5, act, add=add, backend="torch")
-    assert_matches(out, ref, gn64(x, G, w, b, 1e-5, act, add), x, f"{shape} {dtype} cl={channels_last}")
+    assert_matches(out, ref, oracle.group_norm(x, G, w, b, 1e-5, act, add), x, f"{shape} {dtype} cl={channels_last}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -114,7 +84,7 @@ def test_group_norm_cuda_split_and_fused_grids(channels_last, sm_count, monkeypa
     assert (splits == 1) == (sm_count == 1), splits
     out = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="cuda")
     ref = ops.group_norm(x, G, w, b, 1e-5, "silu", add=add, backend="torch")
-    assert_matches(out, ref, gn64(x, G, w, b, 1e-5, "silu", add), x, f"splits={splits}")
+    assert_matches(out, ref, oracle.group_norm(x, G, w, b, 1e-5, "silu", add), x, f"splits={splits}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -123,7 +93,7 @@ def test_group_norm_cuda_float32_params_and_other_dtype_add(dtype, poison):
     add = torch.randn(2, 40, device="cuda", dtype=torch.float32)
     out = ops.group_norm(x, G, w, b, 1e-6, "silu", add=add, backend="cuda")
     ref = ops.group_norm(x, G, w, b, 1e-6, "silu", add=add, backend="torch")
-    assert_matches(out, ref, gn64(x, G, w, b, 1e-6, "silu", add), x, "fp32 params")
+    assert_matches(out, ref, oracle.group_norm(x, G, w, b, 1e-6, "silu", add), x, "fp32 params")
 
 
 def test_group_norm_cuda_strided_params_and_unaligned_x(poison):
@@ -139,7 +109,7 @@ def test_group_norm_cuda_strided_params_and_unaligned_x(poison):
     assert _ext.ext().group_norm_vec(x.data_ptr(), 0, 1, C, 100, False) == 1
     out = ops.group_norm(x, 6, w, b, 1e-5, None, add=add, backend="cuda")
     ref = ops.group_norm(x, 6, w, b, 1e-5, None, add=add, backend="torch")
-    assert_matches(out, ref, gn64(x, 6, w, b, 1e-5, None, add), x, "strided/unaligned")
+    assert_matches(out, ref, oracle.group_norm(x, 6, w, b, 1e-5, None, add), x, "strided/unaligned")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -149,7 +119,7 @@ def test_group_norm_cuda_large_offsets_keep_precision(channels_last):
     # digit (ulp(1e6) = 0.0625 against a variance of 1e-4) and gives errors of order 1 or NaN.
     x = to_layout(torch.randn(1, 64, 32, 32, device="cuda") * 1e-2 + 1000, channels_last)
     out = ops.group_norm(x, 8, backend="cuda")
-    err = (out.double() - gn64(x, 8)).abs().max().item()
+    err = (out.double() - oracle.group_norm(x, 8)).abs().max().item()
     tol = 16 * torch.finfo(torch.float32).eps * 1000 / 1e-2  # 16 ulp of the mean, in units of the std
     assert not torch.isnan(out).any() and err <= tol, f"max error {err:.3g} > {tol:.3g}"
 
@@ -172,7 +142,7 @@ def test_group_norm_cuda_declines_what_it_cannot_take():
     strided = torch.randn(2, 8, 6, 10, device="cuda")[..., ::2]
     assert "contiguous or channels_last" in cuda_gn.supports(strided, 4)
     # auto falls back to a backend that serves it.
-    assert_matches(ops.group_norm(x_cl, 32), ops.group_norm(x_cl, 32, backend="torch"), gn64(x_cl, 32),
+    assert_matches(ops.group_norm(x_cl, 32), ops.group_norm(x_cl, 32, backend="torch"), oracle.group_norm(x_cl, 32),
                    x_cl, "auto fallback")
 
 

@@ -14,9 +14,10 @@ PKG = "diffusion_fast"
 
 # docs/architecture.md, "Layers", top to bottom. The package root itself is a lazy facade over all of them.
 LAYERS = [
-    ("cli", "__main__"),
-    ("pipeline", "integrations"),
-    ("bench",),
+    ("cli", "__main__", "batch"),
+    ("explain",),
+    ("bench", "verify"),
+    ("pipeline", "integrations", "judge"),
     ("samplers", "models"),
     ("schedules",),
     ("kernels",),

@@ -7,26 +7,82 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_fast import ops
+from diffusion_fast.kernels.reference import oracle
 from diffusion_fast.ops import registry
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def rounding_error(ref64: torch.Tensor, dtype: torch.dtype) -> float:
-    """What storing the exact result in ``dtype`` costs: the floor any ``dtype`` output must live with."""
-    return (ref64.to(dtype).double() - ref64).abs().max().item()
-
-
 def assert_close_to_exact(out: torch.Tensor, ref64: torch.Tensor, what: str):
-    assert not torch.isnan(out).any(), f"{what}: NaN in output"
-    err = (out.double() - ref64).abs().max().item()
-    floor = rounding_error(ref64, out.dtype)
-    # float32 math then one rounding to the storage dtype: at most ~1 ulp beyond the rounding itself.
-    tol = 2 * floor + 1e-5 * ref64.abs().max().item()
-    if err > tol:
-        idx = (out.double() - ref64).abs().flatten().argsort(descending=True)[:5]
-        raise AssertionError(f"{what}: max error {err:.3g} > {tol:.3g}; worst: "
-                             f"{[(out.flatten()[i].item(), ref64.flatten()[i].item()) for i in idx]}")
+    """float32 math then one rounding to the storage dtype: the yardstick is the exact result rounded to that
+    dtype, so the reference may cost at most about twice that rounding (oracle's rule, floor 1e-5)."""
+    oracle.assert_close(out, ref64, ref64.to(out.dtype), floor=1e-5, what=what)
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+
+
+def test_oracle_group_norm_equals_torch_in_float64():
+    g = torch.Generator().manual_seed(0)
+    x, w, b, add = torch.randn(2, 12, 5, 3, generator=g), torch.randn(12, generator=g), \
+        torch.randn(12, generator=g), torch.randn(2, 12, generator=g)
+    want = F.silu(F.group_norm(x.double() + add.double()[:, :, None, None], 3, w.double(), b.double(), 1e-5))
+    torch.testing.assert_close(oracle.group_norm(x, 3, w, b, 1e-5, "silu", add), want, rtol=1e-12, atol=1e-12)
+
+
+def test_oracle_attention_equals_torch_sdpa_in_float64():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 7, 3, 16, generator=g), torch.randn(2, 9, 3, 16, generator=g), \
+        torch.randn(2, 9, 3, 16, generator=g)
+    want = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v)), scale=0.3)
+    torch.testing.assert_close(oracle.attention(q, k, v, 0.3), want.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_oracle_attention_chunks_over_queries(monkeypatch):
+    q, k, v = torch.randn(1, 50, 2, 16), torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
+    whole, lowp = oracle.attention(q, k, v, 0.25), oracle.attention_lowp(q, k, v, 0.25)
+    monkeypatch.setattr(oracle, "_CHUNK_SCORES", 2 * 30 * 7)  # 7 queries per chunk
+    torch.testing.assert_close(oracle.attention(q, k, v, 0.25), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracle.attention_lowp(q, k, v, 0.25), lowp, rtol=1e-6, atol=1e-6)
+
+
+def test_oracle_sampler_step_writes_slots_as_documented():
+    from diffusion_fast.ops.rows import AD, AX, BD, BX, CIN, G, P, Q, coef_width
+
+    x, mo = torch.full((1, 3), 2.0), torch.cat([torch.full((1, 3), 1.0), torch.full((1, 3), 3.0)])
+    coef = torch.zeros(coef_width(2), dtype=torch.float64)
+    coef[[G, P, Q, AX, AD, BX, BD, CIN]] = torch.tensor([2.0, 1.0, -1.0, 0.5, 1.0, 1.0, 2.0, 0.25],
+                                                        dtype=torch.float64)
+    hist = torch.stack([torch.full((1, 3), 7.0), torch.full((1, 3), 9.0)])
+    net = torch.empty(2, 3)
+    # raw = 1 + 2 (3 - 1) = 5; D = 2 - 5 = -3; x_new = 1 - 3 + 0 = -2; y = 2 - 6 = -4; net = -0.5
+    out, h, n = oracle.sampler_step(x, mo, coef, torch.tensor([1, 0]), hist, None, net)
+    assert out.dtype == torch.float64 and torch.equal(out, torch.full((1, 3), -2.0, dtype=torch.float64))
+    assert torch.equal(h[1], torch.full((1, 3), -3.0, dtype=torch.float64))  # D into slot 1
+    assert torch.equal(h[0], torch.full((1, 3), -4.0, dtype=torch.float64))  # y into slot 0
+    assert torch.equal(n, torch.full((2, 3), -0.5, dtype=torch.float64))
+    _, h, _ = oracle.sampler_step(x, mo, coef, torch.tensor([1, 1]), hist, None)
+    assert torch.equal(h[1], torch.full((1, 3), -3.0, dtype=torch.float64)) and torch.equal(h[0], hist[0].double())
+    _, h, _ = oracle.sampler_step(x, mo, coef, torch.tensor([-1, 5]), hist, None)
+    assert torch.equal(h, hist.double())  # -1 and out-of-range slots write nothing
+    assert torch.equal(hist[0], torch.full((1, 3), 7.0))  # the oracle never writes into its arguments
+
+
+def test_oracle_rule_fails_nan_and_reports_the_first_mismatches():
+    exact = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    out = exact.float()
+    assert oracle.check(out, exact, exact.float()).ok
+    out[3] = float("nan")
+    c = oracle.check(out, exact, exact.float(), what="x")
+    assert not c.ok and c.err == float("inf") and "(3,): got nan" in c.message() and "non-finite" in c.message()
+    bad = exact.float() + 0.01
+    with pytest.raises(AssertionError, match="max error 0.01"):
+        oracle.assert_close(bad, exact, exact.float(), what="shifted")
+    # the bound: 2 x the yardstick's error + floor x max(1, max|exact|)
+    assert oracle.bound(exact * 4, (exact * 4).half(), torch.float16) == pytest.approx(
+        2 * ((exact * 4).half().double() - exact * 4).abs().max().item() + 2.0**-11 * 4)
+    assert torch.isnan(oracle.nan_like(torch.ones(2, 3))).all()
+    assert torch.isnan(oracle.poisoned(torch.zeros)(4)).all()
 
 
 # ------------------------------------------------------------------------------------------ group_norm
@@ -49,11 +105,7 @@ def test_group_norm_reference(dtype, shape, channels_last, activation, with_add)
     b = torch.randn(C, generator=g).to(dtype)
     add = torch.randn(N, C, generator=g).to(dtype) if with_add else None
     out = ops.group_norm(x, G, w, b, 1e-5, activation, add=add, backend="torch")
-    # Independent formulation: torch's own group_norm in float64.
-    h = x.double() + (add.double()[:, :, None, None] if with_add else 0)
-    ref = F.group_norm(h, G, w.double(), b.double(), 1e-5)
-    if activation == "silu":
-        ref = F.silu(ref)
+    ref = oracle.group_norm(x, G, w, b, 1e-5, activation, add)
     assert out.dtype == dtype and out.shape == x.shape
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -66,16 +118,14 @@ def test_group_norm_reference(dtype, shape, channels_last, activation, with_add)
 def test_group_norm_reference_rank_3_and_5(shape):
     x = torch.randn(*shape, dtype=torch.float64).float()
     out = ops.group_norm(x, 4, activation="silu", backend="torch")
-    ref = F.silu(F.group_norm(x.double(), 4, eps=1e-5))
-    assert_close_to_exact(out, ref, "rank")
+    assert_close_to_exact(out, oracle.group_norm(x, 4, activation="silu"), "rank")
 
 
 def test_group_norm_statistics_are_stable_for_large_offsets():
     """E[x^2] - E[x]^2 in low precision would lose everything here; two-pass float32 does not."""
     x = (torch.randn(1, 4, 32, 32) * 0.01 + 1000.0).to(torch.bfloat16)
     out = ops.group_norm(x, 2, backend="torch")
-    ref = F.group_norm(x.double(), 2, eps=1e-5)
-    assert_close_to_exact(out, ref, "offset")
+    assert_close_to_exact(out, oracle.group_norm(x, 2), "offset")
 
 
 @pytest.mark.parametrize(
@@ -103,13 +153,6 @@ def test_group_norm_bad_input_names_the_argument(kwargs, exc, words):
 
 # ------------------------------------------------------------------------------------------- attention
 
-def attention64(q, k, v, scale):
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    p = p / p.sum(-1, keepdim=True)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Sq,Sk,H,D", [(1, 77, 1000, 2, 40), (2, 33, 77, 3, 80), (1, 5, 1, 1, 8),
                                          (1, 64, 64, 1, 256), (2, 9, 17, 2, 72)])
@@ -120,7 +163,7 @@ def test_attention_reference(dtype, B, Sq, Sk, H, D):
     v = torch.randn(B, Sk, H, D, generator=g).to(dtype)
     out = ops.attention(q, k, v, backend="torch")
     assert out.shape == (B, Sq, H, D) and out.dtype == dtype and out.is_contiguous()
-    assert_close_to_exact(out, attention64(q, k, v, 1 / math.sqrt(D)), f"attention {dtype}")
+    assert_close_to_exact(out, oracle.attention(q, k, v, 1 / math.sqrt(D)), f"attention {dtype}")
 
 
 def test_attention_reference_strided_views_of_fused_qkv():
@@ -128,7 +171,7 @@ def test_attention_reference_strided_views_of_fused_qkv():
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
     out = ops.attention(q, k, v, scale=0.3, backend="torch")
-    assert_close_to_exact(out, attention64(q, k, v, 0.3), "strided")
+    assert_close_to_exact(out, oracle.attention(q, k, v, 0.3), "strided")
 
 
 def test_attention_reference_chunking_matches_unchunked(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 
 from diffusion_fast import ops
 from diffusion_fast.kernels.cuda import sampler_step as cuda_step
+from diffusion_fast.kernels.reference import oracle
 from diffusion_fast.ops.rows import coef_width
 
 pytestmark = pytest.mark.gpu
@@ -50,7 +51,7 @@ def run_both(case, *, alias_out=False):
         c = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
         if c["net_input"] is not None:
             c["net_input"].fill_(float("nan"))
-        out = c["x"] if alias_out else torch.full_like(c["x"], float("nan"))
+        out = c["x"] if alias_out else oracle.nan_like(c["x"])
         ret = ops.sampler_step(c["x"], c["model_output"], c["coef"], c["slots"], c["hist"], c["noise"],
                                out=out, net_input=c["net_input"], backend=backend)
         assert ret is out

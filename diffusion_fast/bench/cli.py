@@ -1,9 +1,10 @@
 """``diffusion-fast bench``: op benchmarks, end-to-end sampling speed, and the regression gate.
 
     diffusion-fast bench ops  [--device cuda|cpu] [--sets sd15,sdxl,large] [--json out.json]
-    diffusion-fast bench e2e  [--device cuda|cpu] [--steps 25] [--json out.json]
+    diffusion-fast bench e2e  [--device cuda|cpu] [--model sd15|sdxl|sd15-tiny] [--steps 25] [--json out.json]
     diffusion-fast bench all  (ops then e2e, one results file)
-    diffusion-fast bench compare BASE.json NEW.json --max-regression 5% [--plot out.png]
+    diffusion-fast bench merge A.json B.json ... --json out.json   (results of one machine, one document)
+    diffusion-fast bench compare BASE.json NEW.json --max-regression 5% [--noise-k 2] [--plot out.png]
     diffusion-fast bench show RESULTS.json
 
 Exit status: 0 success; 1 a regression beyond the threshold (compare) or a suite that measured nothing;
@@ -13,15 +14,21 @@ Exit status: 0 success; 1 a regression beyond the threshold (compare) or a suite
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
 
+from .._io import same_file
 from . import results as R
 from .compare import compare, format_table, parse_threshold
 from .ops import DTYPES, OPS, SETS
 from .progress import Progress
+from .summary import summary_table
+
+E2E_MODELS = ("sd15", "sdxl", "sd15-tiny", "sdxl-tiny")  # the names of .e2e.MODELS, without importing it
 
 
 class _UsageError(Exception):
@@ -53,6 +60,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (CPU runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick-peaks", action="store_true", help="measure the peaks on smaller buffers")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="end the suites within about this many seconds: what does not fit is recorded as not "
+                        "run, and the results are still written")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show progress on stderr (default: when stderr is a terminal)")
@@ -69,12 +79,23 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
 
 
 def _add_e2e(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="UNet configuration (default sd15 on cuda, digits on cpu)")
+    p.add_argument("--model", choices=E2E_MODELS,
+                   help="diffusers model with random weights: sd15 (512^2), sdxl (1024^2), *-tiny for CPU tests "
+                        "(default sd15 on cuda, sd15-tiny on cpu)")
     p.add_argument("--steps", type=int, help="sampling steps per call (default 25 on cuda, 4 on cpu)")
-    p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant")
-    p.add_argument("--variants", default="eager,fast,fast_graph",
-                   help="comma list from reference,eager,fast,fast_graph")
-    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees twice that with CFG)")
+    p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (default 3)")
+    p.add_argument("--variants", help="comma list of variants (default: all; see docs/benchmarking.md)")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode compiled variants try first (default: diffusers' recipe, "
+                        "max-autotune-no-cudagraphs); on timeout they fall back to 'default'")
+    p.add_argument("--compile-cap", type=float,
+                   help="seconds one torch.compile may take before its variant falls back (default 900 on cuda, "
+                        "0 on cpu: compiled variants recorded as not run)")
+    p.add_argument("--graph-methods", default="cuda_graph,reduce-overhead",
+                   help="what diffusers_graph tries: cuda_graph, reduce-overhead (the faster is kept)")
+    p.add_argument("--fp32-reference", action="store_true",
+                   help="also run the stock pipeline in float32 and judge each output against it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare two results files; exit 1 on a regression")
     p.add_argument("base")
     p.add_argument("new")
-    p.add_argument("--max-regression", default="5%", help="allowed slowdown per case, a percentage (default 5%%)")
-    p.add_argument("--plot", metavar="PNG", help="draw the speedups to this PNG file")
+    p.add_argument("--max-regression", default="5%",
+                   help="allowed slowdown per case, a percentage (default 5%%), widened per case by --noise-k")
+    p.add_argument("--noise-k", type=float, default=2.0,
+                   help="a case may also be this many times its measured noise (p80-p20)/median slower "
+                        "(default 2; 0: the flat threshold only)")
+    p.add_argument("--plot", metavar="PNG", help="draw the speedups to this .png file (never an input file)")
+    p = sub.add_parser("merge", help="merge results files of one machine into one document")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", metavar="PATH", required=True, help="write the merged document here")
     p = sub.add_parser("show", help="print the summary table of a results file")
     p.add_argument("file")
     return parser
@@ -107,12 +135,16 @@ def _run_suites(args: argparse.Namespace, suites: Sequence[str]) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.threads is not None and args.threads < 1:
         raise _UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.time_limit is not None and not (0 < args.time_limit < float("inf")):
+        raise _UsageError(f"--time-limit must be a number of seconds > 0, got {args.time_limit}")
     if "ops" in suites:
         for name, given, known in (("--sets", args.sets, SETS), ("--ops", args.ops, OPS)):
             for item in _csv(given or ""):
                 if item not in known:
                     what = "shape set" if name == "--sets" else "op"
                     raise _UsageError(f"{name}: unknown {what} {item!r}; expected names from {known}")
+    if "e2e" in suites:
+        _e2e_settings(args, cuda)  # bad e2e arguments fail here, before anything is measured
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -122,12 +154,39 @@ def _run_suites(args: argparse.Namespace, suites: Sequence[str]) -> int:
         torch.set_num_threads(threads)
 
 
+def _e2e_settings(args: argparse.Namespace, cuda: bool) -> dict:
+    """The keyword arguments of :func:`.e2e.run_e2e` from the command line, each checked (a _UsageError)."""
+    from .e2e import COMPILE_MODES, VARIANT_NAMES
+
+    variants = _csv(args.variants) if args.variants else list(VARIANT_NAMES)
+    for v in variants:
+        if v not in VARIANT_NAMES:
+            raise _UsageError(f"--variants: unknown variant {v!r}; expected names from {', '.join(VARIANT_NAMES)}")
+    methods = _csv(args.graph_methods)
+    for m in methods:
+        if m not in ("cuda_graph", "reduce-overhead"):
+            raise _UsageError(f"--graph-methods: unknown method {m!r}; expected cuda_graph, reduce-overhead")
+    if args.compile_mode not in COMPILE_MODES:
+        raise _UsageError(f"--compile-mode: unknown mode {args.compile_mode!r}; expected {', '.join(COMPILE_MODES)}")
+    steps = args.steps if args.steps is not None else (25 if cuda else 4)
+    cap = args.compile_cap if args.compile_cap is not None else (900.0 if cuda else 0.0)
+    for name, v, lo in (("--steps", steps, 4), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1)):
+        if v < lo:
+            raise _UsageError(f"{name} must be >= {lo}, got {v}")
+    if not (0 <= cap < float("inf")):
+        raise _UsageError(f"--compile-cap must be a number of seconds >= 0, got {args.compile_cap}")
+    return {"model": args.model or ("sd15" if cuda else "sd15-tiny"), "steps": steps, "repeats": args.repeats,
+            "batch": args.batch, "variants": variants, "compile_mode": args.compile_mode, "compile_cap_s": cap,
+            "graph_methods": methods, "fp32_reference": bool(args.fp32_reference)}
+
+
 def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch.device, dtype: torch.dtype) -> int:
     from .peaks import measure_peaks
 
     cuda = device.type == "cuda"
+    deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
     config = {"argv": list(getattr(args, "_argv", [])), "device": str(device), "dtype": str(dtype).split(".")[-1],
-              "seed": args.seed}
+              "seed": args.seed, "time_limit_s": args.time_limit}
     progress = Progress(0, enabled=args.progress)
     progress.add(1)
     progress.step("measuring copy bandwidth and matmul rate")
@@ -146,7 +205,9 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
             config.update(sets=sets, ops=ops, impls=impls, budget_ms=budget, compile_budget_s=cbudget)
             try:
                 run = run_ops(device, dtype, ops=ops, sets=sets, impls=impls, peaks=peaks, budget_ms=budget,
-                              compile_budget_s=cbudget, progress=progress, seed=args.seed)
+                              compile_budget_s=cbudget, progress=progress, seed=args.seed,
+                              deadline=None if deadline is None else
+                              deadline - (0.5 * (deadline - time.perf_counter()) if "e2e" in suites else 0))
             except ValueError as exc:
                 raise _UsageError(str(exc)) from None
             doc["suites"].append("ops")
@@ -158,15 +219,10 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
         if "e2e" in suites:
             from .e2e import run_e2e
 
-            cfg_name = args.config or ("sd15" if cuda else "digits")
-            steps = args.steps if args.steps is not None else (25 if cuda else 4)
-            variants = _csv(args.variants)
-            config.update(e2e_config=cfg_name, steps=steps, repeats=args.repeats, variants=variants,
-                          sampler=args.sampler)
+            e2e = _e2e_settings(args, cuda)
+            config.update(e2e)
             try:
-                cases, skipped = run_e2e(device, dtype, config=cfg_name, steps=steps, repeats=args.repeats,
-                                         variants=variants, sampler=args.sampler, seed=args.seed,
-                                         progress=progress)
+                cases, skipped = run_e2e(device, dtype, seed=args.seed, progress=progress, deadline=deadline, **e2e)
             except ValueError as exc:
                 raise _UsageError(str(exc)) from None
             doc["suites"].append("e2e")
@@ -188,113 +244,21 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
     return status
 
 
-# ------------------------------------------------------------------------------------------------ summary
-
-
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
-def _best_fast(cases: list[dict]) -> dict | None:
-    fast = [c for c in cases if c["kind"] == "backend" and c["impl"] != "torch"]
-    pool = fast or [c for c in cases if c["impl"] == "torch"]
-    return min(pool, key=lambda c: c["median_ms"]) if pool else None
-
-
-def headlines(doc: dict) -> list[tuple[str, str, str]]:
-    """``(what, measured, target)`` rows for the project's performance targets, read off a results document."""
-    by_shape: dict[tuple[str, str, str], list[dict]] = {}
-    for c in doc["cases"]:
-        if c["suite"] == "ops":
-            by_shape.setdefault((c["op"], c["set"], c["key"].split("/")[2]), []).append(c)
-    out = []
-
-    def best_in(op, set_name, pred=lambda name: True):
-        rows = []
-        for (o, s, name), cs in by_shape.items():
-            if o == op and s == set_name and pred(name):
-                b = _best_fast(cs)
-                if b is not None:
-                    rows.append(b)
-        return rows
-
-    rows = best_in("group_norm", "large")
-    if rows:
-        out.append(("group_norm+silu large: fraction of copy bandwidth (worst shape)",
-                    f"{min(r['frac_copy_peak'] for r in rows):.2f} ({rows[0]['impl']})", ">= 0.85"))
-    rows = [r for r in best_in("group_norm", "sd15") if "eager" in r.get("speedup", {})]
-    if rows:
-        out.append(("group_norm+silu sd15: speedup over eager (worst shape)",
-                    f"{min(r['speedup']['eager'] for r in rows):.2f}x", ">= 3x"))
-    rows = [r for r in best_in("attention", "sd15")
-            if any(k.startswith("sdpa_") for k in r.get("speedup", {}))]
-    if rows:
-        worst = min(min(v for k, v in r["speedup"].items() if k.startswith("sdpa_")) for r in rows)
-        out.append(("attention sd15: speedup over the best torch SDPA (worst shape)", f"{worst:.2f}x", ">= 1.2x"))
-    rows = best_in("attention", "large", lambda name: name.startswith("self") and "-s4096-" in name) + \
-        best_in("attention", "sdxl", lambda name: name.startswith("self") and "-s4096-" in name)
-    if rows:
-        out.append(("attention D=64/128 S=4096: fraction of bf16 matmul rate (worst)",
-                    f"{min(r['frac_matmul_peak'] for r in rows):.2f}", ">= 0.75"))
-    rows = best_in("sampler_step", "large")
-    if rows:
-        out.append(("sampler_step large: fraction of copy bandwidth",
-                    f"{min(r['frac_copy_peak'] for r in rows):.2f} ({rows[0]['impl']})", ">= 0.85"))
-    e2e = {c["impl"]: c for c in doc["cases"] if c["suite"] == "e2e"}
-    best = e2e.get("fast_graph") or e2e.get("fast")
-    if best is not None and "eager" in e2e:
-        out.append((f"e2e {best['set']} ({best['impl']}): speedup over eager",
-                    f"{best['speedup'].get('eager', 0):.2f}x", ">= 2.0x"))
-        out.append((f"e2e {best['set']} ({best['impl']}): steps/s", f"{best['steps_per_s']:.1f}", ">= 110 (H100)"))
-        out.append((f"e2e {best['set']} ({best['impl']}): host syncs per step",
-                    _fmt(best.get("host_syncs_per_step"), ".2f", "n/a (no CUDA)"), "0"))
-        out.append((f"e2e {best['set']} ({best['impl']}): peak memory / eager",
-                    _fmt(best.get("mem_vs_baseline"), ".3f", "n/a (no CUDA)"), "<= 1.10"))
-    return out
-
-
-def summary_table(doc: dict) -> str:
-    """A short plain-text summary of a results document (printed last by every run)."""
-    lines = [R.dumps_summary_line(doc)]
-    pk = doc["peaks"]
-    lines.append(f"peaks: copy {pk['copy_gbps']:.1f} GB/s, matmul ({pk['matmul_dtype']}) "
-                 f"{pk['matmul_tflops']:.2f} TFLOP/s")
-    groups: dict[str, list[dict]] = {}
-    for c in doc["cases"]:
-        if c["suite"] == "ops":
-            groups.setdefault(c["key"].rsplit("/", 1)[0], []).append(c)
-    if groups:
-        kw = max(len(k) for k in groups)
-        lines.append(f"{'op case':<{kw}}  {'best':<8} {'ms':>9} {'roofl':>6} {'vs best baseline':>22}")
-        for k, cs in groups.items():
-            b = _best_fast(cs)
-            if b is None:
-                b = min(cs, key=lambda c: c["median_ms"])
-            vs = (f"{b['vs_best_baseline']:.2f}x {b['best_baseline']}" if b.get("vs_best_baseline") is not None
-                  else "-")
-            lines.append(f"{k:<{kw}}  {b['impl']:<8} {b['median_ms']:>9.4f} {_fmt(b.get('roofline_frac'), '6.2f'):>6} "
-                         f"{vs:>22}")
-    e2e = [c for c in doc["cases"] if c["suite"] == "e2e"]
-    if e2e:
-        lines.append(f"{'e2e variant':<14} {'ms/call':>9} {'steps/s':>8} {'vs eager':>9} {'syncs/step':>10} "
-                     f"{'mem/eager':>9}")
-        for c in e2e:
-            lines.append(f"{c['impl']:<14} {c['median_ms']:>9.2f} {c['steps_per_s']:>8.1f} "
-                         f"{_fmt(c.get('speedup', {}).get('eager'), '.2f'):>9} "
-                         f"{_fmt(c.get('host_syncs_per_step'), '.2f'):>10} {_fmt(c.get('mem_vs_baseline'), '.3f'):>9}"
-                         + ("" if "matches_uncaptured" not in c["params"] else
-                            f"  bitwise={c['params']['matches_uncaptured']}"))
-    if doc["skipped"]:
-        lines.append(f"skipped: {len(doc['skipped'])} (reasons in the JSON)")
-    heads = headlines(doc)
-    if heads:
-        lines.append("targets:")
-        w = max(len(h[0]) for h in heads)
-        lines.extend(f"  {a:<{w}}  {b:>18}  target {t}" for a, b, t in heads)
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------ main
+
+
+def _check_plot_path(path: str, inputs: Sequence[str]) -> None:
+    """Refuse, before any work, a plot path that is not a .png or that names one of the input files."""
+    for name in inputs:
+        if same_file(path, name):
+            raise _UsageError(f"--plot {path!r} is the input results file {name!r}; refusing to overwrite it")
+    if os.path.splitext(path)[1].lower() != ".png":
+        raise _UsageError(f"--plot {path!r}: the plot is a PNG image; give a path ending in .png")
+    if os.path.isdir(path):
+        raise _UsageError(f"--plot {path!r} is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise _UsageError(f"--plot {path!r}: directory {parent!r} does not exist")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -302,9 +266,13 @@ def _compare(args: argparse.Namespace) -> int:
         thr = parse_threshold(args.max_regression)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    if not (0 <= args.noise_k < float("inf")):
+        raise _UsageError(f"--noise-k must be a finite number >= 0, got {args.noise_k}")
+    if args.plot:
+        _check_plot_path(args.plot, (args.base, args.new))
     base = R.load(args.base)
     new = R.load(args.new)
-    cmp = compare(base, new, thr)
+    cmp = compare(base, new, thr, args.noise_k)
     print(format_table(cmp))
     if args.plot:
         from .plot import plot_comparison
@@ -315,6 +283,24 @@ def _compare(args: argparse.Namespace) -> int:
             raise _UsageError(f"--plot: cannot write {args.plot}: {exc}") from None
         print(f"plot written to {args.plot}")
     return 1 if cmp.regressions else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    for name in args.files:
+        if same_file(args.json, name):
+            raise _UsageError(f"--json {args.json!r} is the input file {name!r}; refusing to overwrite it")
+    docs = [R.load(f) for f in args.files]
+    try:
+        doc = R.merge(docs, args.files)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    try:
+        R.save(doc, args.json)
+    except OSError as exc:
+        raise _UsageError(f"--json: cannot write {args.json}: {exc}") from None
+    print(summary_table(doc))
+    print(f"results written to {args.json}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "compare":
             return _compare(args)
+        if args.cmd == "merge":
+            return _merge(args)
         if args.cmd == "show":
             print(summary_table(R.load(args.file)))
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -15,9 +16,16 @@ _COLORS = {"slower": (200, 40, 40), "faster": (40, 150, 60), "same": (140, 140, 
 
 
 def plot_comparison(cmp: Comparison, path: str | os.PathLike) -> None:
-    """Write ``path`` (PNG): one bar per shared case, the speedup ``base / new`` on a log axis centred on 1.
+    """Write ``path`` (PNG, atomically: a temporary file in the same folder, then a rename)."""
+    from .results import write_atomic
 
-    Bars to the right are faster, to the left slower; red bars are regressions beyond the threshold.
+    write_atomic(path, render_comparison(cmp))
+
+
+def render_comparison(cmp: Comparison) -> bytes:
+    """The PNG bytes of one bar per shared case, the speedup ``base / new`` on a log axis centred on 1.
+
+    Bars to the right are faster, to the left slower; red bars are regressions beyond their limit.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -52,4 +60,6 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike) -> None:
     d.text((x0 - 10, height - 28), "1.0x", fill="black", font=font)
     d.text((_LEFT, height - 28), "slower", fill="black", font=font)
     d.text((_LEFT + _BAR - 40, height - 28), "faster", fill="black", font=font)
-    img.save(os.fspath(path), format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -85,8 +85,64 @@ def device_info(device: torch.device) -> dict:
     }
 
 
+def git_commit() -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the checkout this package runs from.
+
+    ``git rev-parse HEAD`` in the package's repository; where that fails (a copy of the tree without its
+    ``.git``, such as the one a GPU machine receives) the ``GIT_COMMIT`` environment variable, which
+    ``benchmarks/gpu_check.sh`` passes on; ``"unknown"`` only when neither exists.
+    """
+    commit = _run(["git", "rev-parse", "HEAD"])
+    if commit:
+        st = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        return commit, None if st is None else bool(st)
+    env = os.environ.get("GIT_COMMIT", "").strip()
+    return (env, None) if env else ("unknown", None)
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def host_info() -> dict:
+    """The host CPU (name, logical CPUs, clocks in MHz where the kernel reports them) and its memory."""
+    mhz_now = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz_now = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    khz_max = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    return {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "cpu_mhz": mhz_now,
+            "cpu_max_mhz": float(khz_max) / 1000 if khz_max and khz_max.isdigit() else None,
+            "governor": governor, "memory_bytes": _host_memory(), "torch_threads": torch.get_num_threads()}
+
+
+def gpu_clocks() -> dict | None:
+    """Clocks, power and temperature of the first GPU as ``nvidia-smi`` reports them now (None without it)."""
+    fields = ("clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.draw", "power.limit",
+              "temperature.gpu", "pstate")
+    out = _run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"])
+    if not out:
+        return None
+    values = [v.strip() for v in out.splitlines()[0].split(",")]
+    rec: dict[str, Any] = {}
+    for k, v in zip(fields, values):
+        try:
+            rec[k.replace(".", "_")] = float(v)
+        except ValueError:
+            rec[k.replace(".", "_")] = v
+    return rec
+
+
 def environment(device: torch.device) -> dict:
-    """Versions, git commit and device of this run."""
+    """Versions, git commit, host and device of this run."""
     try:
         import triton
 
@@ -99,11 +155,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         driver = smi.splitlines()[0].strip() if smi else None
-    commit = _run(["git", "rev-parse", "HEAD"])
-    dirty = None
-    if commit is not None:
-        st = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-        dirty = None if st is None else bool(st)
+    commit, dirty = git_commit()
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "python": platform.python_version(),
@@ -116,7 +168,9 @@ def environment(device: torch.device) -> dict:
         "git_commit": commit,
         "git_dirty": dirty,
         "platform": platform.platform(),
+        "host": host_info(),
         "device": device_info(device),
+        "gpu_clocks": gpu_clocks() if device.type == "cuda" else None,
     }
 
 
@@ -164,8 +218,11 @@ def _check_str(d: dict, k: str, where: str, *, optional: bool = False) -> None:
 CASE_REQUIRED_STR = ("key", "suite", "op", "set", "impl", "kind", "dtype")
 CASE_REQUIRED_NUM = ("median_ms", "p20_ms", "p80_ms")
 CASE_OPTIONAL_NUM = ("bytes", "flops", "gbps", "tflops", "frac_copy_peak", "frac_matmul_peak", "roofline_frac",
-                     "max_abs_err", "vs_best_baseline", "steps_per_s", "host_syncs_per_step",
-                     "scalar_reads_per_step", "peak_mem_bytes", "mem_vs_baseline")
+                     "max_abs_err", "tolerance", "vs_best_baseline", "graph_median_ms", "graph_p20_ms",
+                     "graph_p80_ms", "graph_gbps", "graph_tflops", "graph_frac_copy_peak", "graph_frac_matmul_peak",
+                     "graph_roofline_frac", "graph_vs_best_baseline", "steps_per_s", "ms_per_image",
+                     "host_syncs_per_step", "scalar_reads_per_step", "peak_mem_bytes", "mem_vs_baseline",
+                     "spread", "compile_s")
 
 
 def validate(doc: Any, where: str = "results") -> dict:
@@ -213,10 +270,17 @@ def validate(doc: Any, where: str = "results") -> dict:
         _need(isinstance(c.get("samples"), int) and c["samples"] >= 1, f"{w}.samples",
               f"expected a positive integer, got {c.get('samples')!r}")
         for k in CASE_OPTIONAL_NUM:
-            _check_num(c, k, w, optional=True)
-        sp = c.get("speedup", {})
-        _need(isinstance(sp, dict) and all(isinstance(k, str) and _is_num(v) for k, v in sp.items()),
-              f"{w}.speedup", "expected an object of {impl: number}")
+            _check_num(c, k, w, optional=True, positive=k.startswith("graph_") and k.endswith("_ms"))
+        if c.get("graph_median_ms") is not None:
+            _need(c.get("graph_p20_ms") is not None and c.get("graph_p80_ms") is not None
+                  and c["graph_p20_ms"] <= c["graph_median_ms"] <= c["graph_p80_ms"], w,
+                  "expected graph_p20_ms <= graph_median_ms <= graph_p80_ms")
+        for k in ("speedup", "graph_speedup"):
+            sp = c.get(k, {})
+            _need(isinstance(sp, dict) and all(isinstance(n, str) and _is_num(v) for n, v in sp.items()),
+                  f"{w}.{k}", "expected an object of {impl: number}")
+        _need(c.get("correct") in (None, True, False), f"{w}.correct", f"expected true or false, got "
+              f"{c.get('correct')!r}")
     skipped = doc.get("skipped")
     _need(isinstance(skipped, list), f"{where}.skipped", "expected a list")
     for i, s in enumerate(skipped):
@@ -242,6 +306,8 @@ def load(path: str | os.PathLike) -> dict:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{p}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise SchemaError(f"{p}: JSON nested too deeply to read (not a results file)") from None
     return validate(doc, where=str(p))
 
 
@@ -256,14 +322,49 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (:func:`diffusion_fast._io.atomic_write_bytes`: a
+    temporary file in the same folder, then a rename); missing parent folders are created first."""
+    from .._io import atomic_write_bytes
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+
+
 def save(doc: dict, path: str | os.PathLike) -> None:
-    """Validate ``doc`` and write it as indented JSON (parent folders created)."""
+    """Validate ``doc`` and write it as indented JSON, atomically (:func:`write_atomic`)."""
     doc = _clean(doc)
     validate(doc)
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def merge(docs: list[dict], names: list[str]) -> dict:
+    """One document from several runs on one machine (e.g. the op suite and one e2e run per model).
+
+    The environment and peaks are the first document's; each part's ``config`` and ``created`` are kept under
+    ``config.parts``. Raises ValueError when the parts ran on different devices or commits, or repeat a key.
+    """
+    if not docs:
+        raise ValueError("merge needs at least one results file")
+    first = docs[0]
+    out = {**first, "suites": [], "cases": [], "skipped": [], "config": {"parts": []}}
+    seen: set[str] = set()
+    for doc, name in zip(docs, names):
+        for what, a, b in (("env.device.name", first["env"]["device"]["name"], doc["env"]["device"]["name"]),
+                           ("env.git_commit", first["env"].get("git_commit"), doc["env"].get("git_commit"))):
+            if a != b:
+                raise ValueError(f"{name}: {what} is {b!r}, but the first file has {a!r}; merge only results "
+                                 "of one machine and one commit")
+        for c in doc["cases"]:
+            if c["key"] in seen:
+                raise ValueError(f"{name}: case {c['key']!r} is already in an earlier file")
+            seen.add(c["key"])
+        out["suites"].extend(s for s in doc["suites"] if s not in out["suites"])
+        out["cases"].extend(doc["cases"])
+        out["skipped"].extend(doc["skipped"])
+        out["config"]["parts"].append({"file": os.path.basename(name), "created": doc["created"],
+                                       "config": doc["config"]})
+    return validate(out)
 
 
 def dumps_summary_line(doc: dict) -> str:
@@ -275,5 +376,5 @@ def dumps_summary_line(doc: dict) -> str:
             f"{' (dirty)' if env.get('git_dirty') else ''}")
 
 
-__all__ = ["SCHEMA", "SchemaError", "validate", "load", "save", "new_document", "environment", "device_info",
-           "dumps_summary_line"]
+__all__ = ["SCHEMA", "SchemaError", "validate", "load", "save", "merge", "write_atomic", "new_document", "environment",
+           "device_info", "host_info", "gpu_clocks", "git_commit", "dumps_summary_line"]

@@ -1,4 +1,5 @@
-"""Timers: CUDA events on a GPU, ``time.perf_counter`` on CPU, inputs rotated across samples.
+"""Timers: CUDA events on a GPU, ``time.perf_counter`` on CPU, inputs rotated across samples; and GPU time
+inside a captured CUDA graph (:func:`measure_graph`).
 
 One *sample* is the mean time of ``m`` consecutive calls that cycle through the input sets; the reported
 figures are the median and the 20th/80th percentiles over samples. Cycling through several input sets whose
@@ -136,6 +137,82 @@ def measure(
         p80_ms=quantile(times, 0.8),
         samples=samples,
         calls_per_sample=m,
+        input_sets=n,
+    )
+
+
+def measure_graph(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    budget_ms: float = 50.0,
+    min_samples: int = 5,
+    max_samples: int = 100,
+    sample_ms: float = 1.0,
+    max_graph_bytes: int = 1 << 30,
+    set_bytes: int = 0,
+) -> Timing:
+    """GPU time per call of ``fns`` replayed inside a CUDA graph: what a call costs in a captured trajectory,
+    where the host issues nothing and back-to-back launches have no gaps.
+
+    The calls (one round = each input set once) are warmed up on a side stream, captured ``m`` rounds deep into
+    one graph, and the graph is replayed ``samples`` times between CUDA events; one sample is one replay
+    divided by its calls. ``m`` makes a replay last about ``sample_ms``, bounded so the graph's private pool
+    (each captured call's outputs) stays under ``max_graph_bytes`` given ``set_bytes`` per round.
+
+    Raises whatever capture raises (e.g. a call that synchronises); the caller records it.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"measure_graph needs a CUDA device, got {device}")
+    if not fns:
+        raise ValueError("fns must hold at least one callable")
+    n = len(fns)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+
+    def capture(rounds: int) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(rounds):
+                for f in fns:
+                    f()
+        return g
+
+    def replay_ms(g: torch.cuda.CUDAGraph) -> float:
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    g = capture(1)
+    g.replay()
+    per_round = max(replay_ms(g), 1e-4)
+    rounds = max(1, min(64, math.ceil(sample_ms / per_round)))
+    if set_bytes > 0:
+        rounds = max(1, min(rounds, max_graph_bytes // max(1, n * set_bytes)))
+    if rounds > 1:
+        del g
+        g = capture(rounds)
+        g.replay()
+        torch.cuda.synchronize(device)
+    calls = rounds * n
+    samples = int(min(max_samples, max(min_samples, budget_ms // max(per_round * rounds, 1e-3))))
+    times = [replay_ms(g) / calls for _ in range(samples)]
+    del g
+    return Timing(
+        median_ms=quantile(times, 0.5),
+        p20_ms=quantile(times, 0.2),
+        p80_ms=quantile(times, 0.8),
+        samples=samples,
+        calls_per_sample=calls,
         input_sets=n,
     )
 

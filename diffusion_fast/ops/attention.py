@@ -13,6 +13,7 @@ from ._checks import check_finite_float, check_same_device, check_same_dtype, ch
 registry.register("attention", "torch", "diffusion_fast.kernels.reference.attention")
 registry.register("attention", "triton", "diffusion_fast.kernels.triton.attention")
 registry.register("attention", "cuda", "diffusion_fast.kernels.cuda.attention")
+registry.register("attention", "sdpa", "diffusion_fast.kernels.sdpa.attention")
 
 MAX_HEAD_DIM = 256
 #: Largest ``|scale|``. Scores are computed in float32: with fp16 inputs (|x| <= 65504) and D <= 256,
@@ -40,7 +41,8 @@ def attention(
             ``D`` is a multiple of 8, at most 256. Views whose last dim is contiguous (slices of a fused QKV
             projection) are accepted as they are; fast backends read them through their strides.
         scale: multiplies the scores; default ``1 / sqrt(D)``; finite, ``|scale| <= MAX_SCALE`` (65536).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"sdpa"`` (torch's
+            ``scaled_dot_product_attention``).
 
     Returns:
         ``[B, Sq, H, D]``, contiguous, ``q.dtype``.

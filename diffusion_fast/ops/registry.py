@@ -1,9 +1,9 @@
 """Backend registry: which implementation of an op serves a given call.
 
 Every op (``group_norm``, ``attention``, ``sampler_step``) has a reference backend ``"torch"`` and may have
-fast backends (``"triton"``, ``"cuda"``). A backend is registered by the *name of the module* that holds it,
-so that importing ``diffusion_fast`` never imports Triton or loads the CUDA extension; the module is
-imported the first time the backend is considered.
+fast backends (``"triton"``, ``"cuda"``; attention also ``"sdpa"``, torch's own kernels). A backend is
+registered by the *name of the module* that holds it, so that importing ``diffusion_fast`` never imports
+Triton or loads the CUDA extension; the module is imported the first time the backend is considered.
 
 A backend module defines:
 
@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda")  # the backend names every op may have
+EXTRA_BACKENDS = {"attention": ("sdpa",)}  # torch's own attention kernels (scaled_dot_product_attention)
+
+
+def names(op: str) -> tuple[str, ...]:
+    """The backend names ``op`` may have: :data:`BACKENDS` and its own extras."""
+    return BACKENDS + EXTRA_BACKENDS.get(op, ())
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,6 +75,12 @@ _REGISTRY: dict[str, dict[str, _Entry]] = {}
 # with DIFFUSION_FAST_AUTO_<OP>=cuda,triton,torch.
 _FAST_SMALL = ("cuda", "triton", "torch")
 _FAST_LARGE = ("triton", "cuda", "torch")
+# Attention falls back to torch's SDPA kernels before the float32 reference, for the calls our kernels decline
+# (e.g. head dims the CUDA kernels are not compiled for). Where SDPA beats our kernels on time inside a CUDA
+# graph is for a GPU run of `diffusion-fast bench ops` to show (the `auto` case and per-backend graph times);
+# the order above is still the host-timed crossover of run2.
+_ATTN_SMALL = ("cuda", "triton", "sdpa", "torch")
+_ATTN_LARGE = ("triton", "cuda", "sdpa", "torch")
 
 
 def _group_norm_rule(call: dict[str, Any]) -> tuple[str, ...]:
@@ -82,7 +94,7 @@ def _attention_rule(call: dict[str, Any]) -> tuple[str, ...]:
     q, k = call["q"], call["k"]
     Sq, Sk, D = q.shape[1], k.shape[1], q.shape[3]
     pow2 = D & (D - 1) == 0
-    return _FAST_SMALL if Sk <= 128 or Sq * Sk <= (1 << 21) or not pow2 else _FAST_LARGE
+    return _ATTN_SMALL if Sk <= 128 or Sq * Sk <= (1 << 21) or not pow2 else _ATTN_LARGE
 
 
 def _sampler_step_rule(call: dict[str, Any]) -> tuple[str, ...]:
@@ -99,16 +111,16 @@ _AUTO_ORDER: dict[str, dict[str, tuple[str, ...] | Callable[[dict[str, Any]], tu
 
 def register(op: str, name: str, module: str) -> None:
     """Register backend ``name`` of ``op``, implemented in the importable module ``module``."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend name must be one of {BACKENDS}, got {name!r}")
+    if name not in names(op):
+        raise ValueError(f"backend name must be one of {names(op)}, got {name!r}")
     _REGISTRY.setdefault(op, {})[name] = _Entry(op, name, module)
 
 
 def set_auto_order(op: str, device_type: str, order: tuple[str, ...]) -> None:
     """Set the order in which ``backend="auto"`` tries backends of ``op`` on ``device_type``."""
     for name in order:
-        if name not in BACKENDS:
-            raise ValueError(f"order: unknown backend {name!r}; expected names from {BACKENDS}")
+        if name not in names(op):
+            raise ValueError(f"order: unknown backend {name!r}; expected names from {names(op)}")
     _AUTO_ORDER.setdefault(op, {})[device_type] = tuple(order)
 
 
@@ -140,8 +152,8 @@ def resolve(op: str, backend: str, device: torch.device, call: dict[str, Any]) -
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     entries = backends(op)
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        if backend not in names(op):
+            raise ValueError(f"backend must be 'auto' or one of {names(op)}, got {backend!r}")
         entry = entries.get(backend)
         if entry is None:
             raise BackendUnavailable(f"{op}: backend {backend!r} is not registered for this op")
