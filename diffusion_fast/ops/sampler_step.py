@@ -17,7 +17,8 @@ call; the row's layout (the indices ``G``, ``P``, ... below) is :mod:`diffusion_
     net_input[:B] (and net_input[B:2B] for a CFG batch) = (row[CIN] * x_new).to(net_input.dtype)
 
 All reads happen before any write (element by element), so ``out`` may be ``x`` and a slot that is read may
-be overwritten in the same call. Math is float32; ``x``, ``hist`` and ``out`` are float32. Nothing here
+be overwritten in the same call. Math is float32; ``x``, ``hist``, ``out`` and ``coef`` are float32 — or all
+float64, which only the reference backend serves (a float64 reference run of a sampler). Nothing here
 looks at tensor values on the host, so the op never synchronises and a CUDA graph can replay it with a new
 row copied into ``coef``.
 """
@@ -30,7 +31,11 @@ import torch
 
 from . import library, registry
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .registry import BackendUnavailable
 from .rows import MAX_HIST, coef_width
+
+_STATE_DTYPES = (torch.float32, torch.float64)
+_ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 
 registry.register("sampler_step", "torch", "diffusion_fast.kernels.reference.sampler_step")
 registry.register("sampler_step", "triton", "diffusion_fast.kernels.triton.sampler_step")
@@ -52,25 +57,26 @@ def sampler_step(
     """Apply one coefficient row (see the module docstring for the exact formula).
 
     Args:
-        x: ``[B, *S]`` float32 sampler state at which the network was evaluated.
+        x: ``[B, *S]`` float32 (or float64) sampler state at which the network was evaluated.
         model_output: ``[B, *S]`` or ``[2B, *S]`` (CFG batch: unconditional half first), any float dtype.
-        coef: ``[9 + 2K]`` float32 coefficient row, on x's device.
+        coef: ``[9 + 2K]`` coefficient row in x's dtype, on x's device.
         slots: ``[2]`` int32/int64 ``(slot for D, slot for y)``, -1 for "no write"; required when ``K > 0``.
-        hist: ``[K, B, *S]`` float32 history, ``K <= 8``; updated in place.
+        hist: ``[K, B, *S]`` history in x's dtype, ``K <= 8``; updated in place.
         noise: ``[B, *S]`` standard normal noise (any float dtype) or None (then ``row[AZ]`` is unused).
-        out: ``[B, *S]`` float32 result buffer; may be ``x``. Allocated when None.
+        out: ``[B, *S]`` result buffer in x's dtype; may be ``x``. Allocated when None.
         net_input: ``[B, *S]`` or ``[2B, *S]`` buffer (any float dtype) that receives the next network input
             ``row[CIN] * x_new`` (duplicated into both halves for a CFG batch); skipped when None.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (a float64 state: ``"auto"`` or ``"torch"``).
 
     Returns:
         ``out`` (``x_new``).
     """
-    check_tensor("x", x, dtypes=(torch.float32,))
+    check_tensor("x", x, dtypes=_STATE_DTYPES)
+    state = (x.dtype,)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
     B, S = x.shape[0], tuple(x.shape[1:])
-    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES)
+    check_tensor("model_output", model_output, dtypes=_ANY_FLOAT)
     if tuple(model_output.shape[1:]) != S or model_output.shape[0] not in (B, 2 * B):
         raise ValueError(
             f"model_output must have shape [B, ...] or [2B, ...] with B={B} and trailing dims {S} "
@@ -78,13 +84,13 @@ def sampler_step(
         )
     K = 0
     if hist is not None:
-        check_tensor("hist", hist, dtypes=(torch.float32,))
+        check_tensor("hist", hist, dtypes=state)
         if hist.dim() != x.dim() + 1 or tuple(hist.shape[1:]) != tuple(x.shape):
             raise ValueError(f"hist must have shape [K, *x.shape] = [K, {B}, ...], got {tuple(hist.shape)}")
         K = hist.shape[0]
         if not 1 <= K <= MAX_HIST:
             raise ValueError(f"hist must have 1 to {MAX_HIST} slots, got K={K}")
-    check_tensor("coef", coef, dtypes=(torch.float32,))
+    check_tensor("coef", coef, dtypes=state)
     if coef.dim() != 1 or coef.shape[0] != coef_width(K):
         raise ValueError(f"coef must be a 1-D row of {coef_width(K)} = 9 + 2K values for K={K} history "
                          f"slots, got shape {tuple(coef.shape)}")
@@ -95,22 +101,29 @@ def sampler_step(
         if tuple(slots.shape) != (2,):
             raise ValueError(f"slots must have shape [2] (slot for D, slot for y), got {tuple(slots.shape)}")
     if noise is not None:
-        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        check_tensor("noise", noise, dtypes=_ANY_FLOAT)
         if noise.shape != x.shape:
             raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, dtypes=(torch.float32,))
+        check_tensor("out", out, dtypes=state)
         if out.shape != x.shape:
             raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
     if net_input is not None:
-        check_tensor("net_input", net_input, dtypes=FLOAT_DTYPES)
+        check_tensor("net_input", net_input, dtypes=_ANY_FLOAT)
         if tuple(net_input.shape[1:]) != S or net_input.shape[0] not in (B, 2 * B):
             raise ValueError(f"net_input must have shape [B, ...] or [2B, ...] with B={B} and trailing dims "
                              f"{S}, got {tuple(net_input.shape)}")
     device = check_same_device(x=x, model_output=model_output, coef=coef, slots=slots, hist=hist,
                                noise=noise, out=out, net_input=net_input)
+    f64 = [n for n, t in (("x", x), ("model_output", model_output), ("noise", noise), ("net_input", net_input))
+           if t is not None and t.dtype == torch.float64]
+    if f64:  # the fast kernels read and compute float32 / half; the reference serves float64
+        if backend not in ("auto", "torch"):
+            raise BackendUnavailable(f"sampler_step: backend {backend!r} cannot serve this call: {', '.join(f64)} "
+                                     "float64; the fast kernels compute in float32 (float64 runs on backend 'torch')")
+        backend = "torch"
     if torch.compiler.is_compiling():  # traced as one custom op (ops/library.py), mutating hist/out/net_input
         library.sampler_step(x, model_output, coef, slots, hist, noise, out, net_input, backend)
         return out
