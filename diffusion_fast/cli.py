@@ -70,6 +70,12 @@ def _sampler_names() -> tuple[str, ...]:
     return tuple(SAMPLERS)
 
 
+def _schedule_names() -> tuple[str, ...]:
+    from .pipeline import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A fast diffusion sampler engine.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_nonneg_int, default=None, help="noise seed (default: random, printed)")
     g.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's, 20)")
     g.add_argument("--sampler", default=None, help="sampler name (see `diffusion-fast samplers`; default dpmpp_2m)")
+    g.add_argument("--schedule", default=None,
+                   help="noise schedule (see `diffusion-fast samplers`; default the model's, karras)")
     g.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--num-images", type=_positive_int, default=1, help="images; more than one writes a grid")
@@ -96,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads for torch (default 1: the digits model is too small to gain from more)")
 
-    sub.add_parser("samplers", help="list the samplers", description="List the samplers, one line each.")
+    sub.add_parser("samplers", help="list the samplers and schedules",
+                   description="List the samplers, one line each (order, evaluations per step, whether it draws "
+                               "noise), then the schedules.")
     sub.add_parser("info", help="versions and which backends run here",
                    description="Versions, and for each op which backends are usable here (and why not).")
     sub.add_parser("bench", help="benchmarks (diffusion-fast bench --help)", add_help=False)
@@ -149,6 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if sampler is not None and sampler not in _sampler_names():
         raise UsageError(f"argument --sampler: unknown sampler {sampler!r}; choose from "
                          f"{', '.join(_sampler_names())}")
+    if args.schedule is not None and args.schedule not in _schedule_names():
+        raise UsageError(f"argument --schedule: unknown schedule {args.schedule!r}; choose from "
+                         f"{', '.join(_schedule_names())}")
     for option, path in (("-o", args.output), ("--strip", args.strip)):
         if path is not None:
             _check_writable(option, path)
@@ -181,7 +194,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         out = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, sampler=sampler, num_images=args.num_images, progress=sys.stderr.isatty(),
+                   seed=args.seed, sampler=sampler, schedule=args.schedule, num_images=args.num_images,
+                   progress=sys.stderr.isatty(),
                    return_trajectory=args.strip is not None)
     except BackendUnavailable as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
@@ -193,7 +207,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = args.steps or pipe.defaults.get("steps", 20)
     g = args.guidance if args.guidance is not None else pipe.defaults.get("guidance_scale", 1.0)
     print(f"wrote {args.output}: {k} image{'s' if k > 1 else ''}, seed {out.seed}, {steps} steps "
-          f"{sampler or pipe.defaults.get('sampler', 'dpmpp_2m')}, guidance {g:g}, {seconds:.2f} s")
+          f"{sampler or pipe.defaults.get('sampler', 'dpmpp_2m')} "
+          f"{args.schedule or pipe.defaults.get('schedule', 'karras')}, guidance {g:g}, {seconds:.2f} s")
     if args.strip is not None:
         _save("--strip", pipe.strip(out.trajectory), args.strip)
         print(f"wrote {args.strip}: top row the noisy state, bottom row each step's denoised estimate")
@@ -201,11 +216,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from .samplers.tables import DESCRIPTIONS, SAMPLERS
+    from .samplers.tables import SAMPLERS, describe
 
-    width = max(len(s) for s in SAMPLERS)
-    for s in SAMPLERS:
-        print(f"{s:<{width}}  {DESCRIPTIONS.get(s, '')}")
+    info = {s: describe(s) for s in SAMPLERS}
+
+    def noise(d):
+        s = d["stochastic"]
+        return "deterministic" if s == "no" else "stochastic" if s == "yes" else f"stochastic {s}"
+
+    w = max(len(s) for s in SAMPLERS)
+    we = max(len(str(d["evaluations"])) for d in info.values())
+    wn = max(len(noise(d)) for d in info.values())
+    for s, d in info.items():
+        order = "-" if d["order"] is None else d["order"]
+        print(f"{s:<{w}}  order {order}  evals/step {d['evaluations']:<{we}}  {noise(d):<{wn}}  {d['description']}")
+    print()
+    print("order: global order of accuracy as measured on Gaussian data (multistep methods start first-order; "
+          "lcm needs a consistency model); evals/step: network evaluations per step of the schedule.")
+    print("Every sampler is a coefficient table run by one fused step without host syncs, except dpm_adaptive, "
+          "whose step sizes come from an error estimate read once per attempted step (eager only).")
+    print(f"schedules (generate --schedule): {', '.join(_schedule_names())}")
     return 0
 
 

@@ -24,11 +24,14 @@ import torch
 from .models.text import TextConfig, TextEncoder, WordTokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .ops.registry import BACKENDS
+from .schedules.formulas import SCHEDULES as _ALL_SCHEDULES
 
 FORMAT = "diffusion_fast.pipeline/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUILTIN_MODELS = ("digits",)
 PREDICTIONS = ("v_prediction", "epsilon", "sample")
+# The schedules a pipeline builds for its (VE) model: every closed form but rectified flow's.
+SCHEDULES = tuple(s for s in _ALL_SCHEDULES if s != "flow")
 
 
 def timestep_from_sigma(sigma: torch.Tensor, scale: float) -> torch.Tensor:
@@ -186,11 +189,24 @@ class Pipeline:
                 out.append(Image.fromarray(img[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB"))
         return out
 
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The Karras noise levels for ``steps`` steps: ``[steps + 1]`` float64, ending in 0."""
-        from .schedules import karras
+    def sigmas(self, steps: int, schedule: str = "karras") -> torch.Tensor:
+        """The noise levels of ``schedule`` (one of :data:`SCHEDULES`, default Karras) for ``steps`` steps over
+        the model's range: ``[steps + 1]`` float64, ending in 0 (ComfyUI's ``ddim_uniform`` / ``beta`` can give
+        one step more or fewer). The table schedulers pick from the model's log-uniform table of 1000 levels
+        between ``sigma_min`` and ``sigma_max`` (what ComfyUI keeps for a continuous-sigma model); the Align
+        Your Steps tables are the published ones (tuned for their models' ranges)."""
+        from . import schedules
 
-        return karras(steps, self.sigma_min, self.sigma_max, self.rho)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        if schedule in ("karras", "polyexponential"):
+            rho = self.rho if schedule == "karras" else 1.0
+            return getattr(schedules, schedule)(steps, self.sigma_min, self.sigma_max, rho)
+        if schedule == "exponential":
+            return schedules.exponential(steps, self.sigma_min, self.sigma_max)
+        if schedule.startswith("ays_"):
+            return schedules.align_your_steps(steps, schedule[4:])
+        return schedules.get(schedule, steps, model_sigmas=schedules.edm_sigmas(self.sigma_min, self.sigma_max))
 
     # -- sampling ----------------------------------------------------------------------------------------
     def _denoiser(self) -> Callable[..., torch.Tensor]:
@@ -209,6 +225,7 @@ class Pipeline:
         guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         sampler: Optional[str] = None,
+        schedule: Optional[str] = None,
         num_images: int = 1,
         generator: Optional[torch.Generator] = None,
         callback: Optional[Callable[[dict], None]] = None,
@@ -226,6 +243,7 @@ class Pipeline:
                 the conditional model alone (and ignores ``negative_prompt``). Default from the model config.
             seed: the noise seed; same seed, device and backend give a bit-identical image.
             sampler: a name from ``diffusion_fast.SAMPLERS`` (default ``"dpmpp_2m"``).
+            schedule: a name from :data:`SCHEDULES` (default ``"karras"``); see :meth:`sigmas`.
             num_images: images per prompt, each from different noise.
             generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``.
             callback: called after each step with the sampler's dict (``x``, ``i``, ``sigma``, ``sigma_next``,
@@ -250,6 +268,9 @@ class Pipeline:
         sampler = self.defaults.get("sampler", "dpmpp_2m") if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        schedule = self.defaults.get("schedule", "karras") if schedule is None else schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         g = self.defaults.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
@@ -270,7 +291,7 @@ class Pipeline:
 
         cfg = self.unet.config
         shape = (K, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        sigmas = self.sigmas(steps)
+        sigmas = self.sigmas(steps, schedule)
         noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
         x = noise * float(sigmas[0])
 

@@ -952,8 +952,9 @@ BROWNIAN_DEFAULT = ("dpmpp_sde",)
 
 def _doc(name: str) -> str:
     if name == "dpm_adaptive":
-        return "DPM-Solver-12/23 with adaptive step size (k-diffusion sample_dpm_adaptive); syncs once per step"
-    return (_BUILDERS[name].__doc__ or "").strip().splitlines()[0]
+        return ("DPM-Solver-12/23 with adaptive step size (k-diffusion sample_dpm_adaptive), from sigmas[0] to the "
+                "last nonzero sigma; reads its error estimate once per attempted step.")
+    return " ".join((_BUILDERS[name].__doc__ or "").strip().split("\n\n")[0].split())
 
 
 DESCRIPTIONS = {name: _doc(name) for name in SAMPLERS}
@@ -964,16 +965,17 @@ DESCRIPTIONS = {name: _doc(name) for name in SAMPLERS}
 # diffusers' versions they start with a first-order step, whose O(h^2) local error caps the global order at
 # 2; ipndm's fixed Adams-Bashforth weights assume equal steps, which also caps it at 2 on a graded grid.
 # dpm_fast ends with a first- or second-order step (N mod 3), so it is third order only when N = 2 mod 3.
+# ddpm and the ancestral samplers (eta = 1) converge weakly at the order listed (their distribution, tested on
+# Gaussian data); lcm has none: it is exact with a consistency model and is not an ODE / SDE solver.
 ORDERS = {"euler": 1, "ddim": 1, "euler_ancestral": 1, "heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "lms": 2,
           "dpm_fast": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2, "dpmpp_2m": 2, "dpmpp_2m_sde": 2,
-          "dpmpp_3m_sde": 2, "ddpm": 1, "lcm": 1, "ipndm": 2, "ipndm_v": 2, "deis": 2, "res_multistep": 2,
+          "dpmpp_3m_sde": 2, "ddpm": 1, "ipndm": 2, "ipndm_v": 2, "deis": 2, "res_multistep": 2,
           "res_multistep_ancestral": 2, "unipc": 2, "uni_pc": 2, "uni_pc_bh2": 2, "dpm_adaptive": 2}
 
-# Network evaluations per step (the schedule's N steps), as the CLI lists them.
-EVALUATIONS = {"heun": "2 (1 on the step to 0)", "dpm_2": "2 (1 on the step to 0)",
-               "dpm_2_ancestral": "2 (1 on the step to 0)", "dpmpp_2s_ancestral": "2 (1 on the step to 0)",
-               "dpmpp_sde": "2 (1 on the step to 0)", "dpm_fast": "1 (N in all, in 3-evaluation steps)",
-               "dpm_adaptive": "3 per attempted step, adaptive count"}
+# Network evaluations per step of the schedule, as the CLI lists them ("1 to 0": one on the step to sigma 0).
+EVALUATIONS = {"heun": "2 (1 to 0)", "dpm_2": "2 (1 to 0)", "dpm_2_ancestral": "2 (1 to 0)",
+               "dpmpp_2s_ancestral": "2 (1 to 0)", "dpmpp_sde": "2 (1 to 0)", "dpm_fast": "1 (in 3-stage steps)",
+               "dpm_adaptive": "3 per try (adaptive)"}
 
 # Whether the sampler draws noise: always, or with which option.
 STOCHASTIC = {"euler": "with s_churn > 0", "heun": "with s_churn > 0", "dpm_2": "with s_churn > 0",
@@ -987,7 +989,7 @@ def describe(name: str) -> dict[str, object]:
     """One sampler's summary: ``{"order", "evaluations", "stochastic", "description", "options"}``."""
     if name not in OPTIONS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
-    return {"order": ORDERS[name], "evaluations": EVALUATIONS.get(name, "1"),
+    return {"order": ORDERS.get(name), "evaluations": EVALUATIONS.get(name, "1"),
             "stochastic": STOCHASTIC.get(name, "no"), "description": DESCRIPTIONS[name],
             "options": dict(OPTIONS[name])}
 
