@@ -232,7 +232,8 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         print(f"{s:<{w}}  order {order}  evals/step {d['evaluations']:<{we}}  {noise(d):<{wn}}  {d['description']}")
     print()
     print("order: global order of accuracy as measured on Gaussian data (multistep methods start first-order; "
-          "lcm needs a consistency model); evals/step: network evaluations per step of the schedule.")
+          "none for lcm, which needs a consistency model, or dpm_adaptive, set by rtol / atol); evals/step: network "
+          "evaluations per step of the schedule.")
     print("Every sampler is a coefficient table run by one fused step without host syncs, except dpm_adaptive, "
           "whose step sizes come from an error estimate read once per attempted step (eager only).")
     print(f"schedules (generate --schedule): {', '.join(_schedule_names())}")

@@ -965,12 +965,14 @@ DESCRIPTIONS = {name: _doc(name) for name in SAMPLERS}
 # diffusers' versions they start with a first-order step, whose O(h^2) local error caps the global order at
 # 2; ipndm's fixed Adams-Bashforth weights assume equal steps, which also caps it at 2 on a graded grid.
 # dpm_fast ends with a first- or second-order step (N mod 3), so it is third order only when N = 2 mod 3.
-# ddpm and the ancestral samplers (eta = 1) converge weakly at the order listed (their distribution, tested on
-# Gaussian data); lcm has none: it is exact with a consistency model and is not an ODE / SDE solver.
+# euler_ancestral and ddpm have no noiseless form: theirs is the weak order of the first-order ancestral step
+# (their spread's error falls with the step count, tested). No order for lcm (exact with a consistency model,
+# not an ODE / SDE solver) or dpm_adaptive (its accuracy is set by rtol / atol, not a step count).
+# benchmarks/sampler_accuracy.py prints the measured slopes.
 ORDERS = {"euler": 1, "ddim": 1, "euler_ancestral": 1, "heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "lms": 2,
           "dpm_fast": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2, "dpmpp_2m": 2, "dpmpp_2m_sde": 2,
           "dpmpp_3m_sde": 2, "ddpm": 1, "ipndm": 2, "ipndm_v": 2, "deis": 2, "res_multistep": 2,
-          "res_multistep_ancestral": 2, "unipc": 2, "uni_pc": 2, "uni_pc_bh2": 2, "dpm_adaptive": 2}
+          "res_multistep_ancestral": 2, "unipc": 2, "uni_pc": 2, "uni_pc_bh2": 2}
 
 # Network evaluations per step of the schedule, as the CLI lists them ("1 to 0": one on the step to sigma 0).
 EVALUATIONS = {"heun": "2 (1 to 0)", "dpm_2": "2 (1 to 0)", "dpm_2_ancestral": "2 (1 to 0)",
