@@ -51,7 +51,7 @@ def test_increments_add_up_along_the_path():
 
 def test_increments_are_standard_normal_with_brownian_covariance():
     """Disjoint increments: independent N(0, 1). Nested ones, [a, b] inside [a, c]: correlation sqrt((a-b)/(a-c))."""
-    n = 200_000
+    n = 40_000
     t = tree(seed=11, shape=(n,))
     z1, z2, z3 = t(14.0, 6.0), t(6.0, 1.0), t(1.0, 0.05)
     for z in (z1, z2, z3):

@@ -20,8 +20,6 @@ def pipe() -> Pipeline:
 def test_every_sampler_runs_in_the_pipeline(pipe, sampler):
     out = pipe(["3", "8"], steps=4, seed=1, sampler=sampler, progress=False)
     assert out.samples.shape == (2, 1, 8, 8) and torch.isfinite(out.samples).all()
-    again = pipe(["3", "8"], steps=4, seed=1, sampler=sampler, progress=False)
-    assert torch.equal(out.samples, again.samples)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
