@@ -240,3 +240,21 @@ def test_sampler_step_float64_on_the_reference_and_fast_backends_decline():
             sampler_step(x, mo, coef, torch.tensor([1, 0]), hist, z, out=out, net_input=net, backend=backend)
     with pytest.raises(TypeError, match="coef has dtype float32"):
         sampler_step(x, mo, coef.float(), torch.tensor([1, 0]), hist, z, out=out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,opts,dtype", [
+    ("dpmpp_sde", {}, torch.float32),  # Brownian default, two draws per step
+    ("heun", {"s_churn": 4.0}, torch.float32),  # churn: a draw before the first evaluation
+    ("euler_ancestral", {"noise_sampler": "brownian"}, torch.float32),
+    ("dpmpp_2m_sde", {}, torch.float64),
+])
+def test_cuda_graph_replays_every_noise_path_bit_for_bit(sampler, opts, dtype):
+    sig = df.schedules.karras(6, 0.05, 10.0)
+    x = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 10).to("cuda", dtype)
+    runs = []
+    for graphed in (False, True, True):  # capture, then replay from the cache
+        g = torch.Generator("cuda").manual_seed(5)
+        runs.append(df.sample(den, x, sig, sampler, generator=g, cuda_graph=graphed, **opts))
+    assert runs[0].dtype == dtype
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
