@@ -87,6 +87,12 @@ def _number(text: str) -> float:
 _guidance = _number
 
 
+def _schedule_names() -> tuple[str, ...]:
+    from .pipeline import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A fast diffusion sampler engine.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int, default=None, help="noise seed, 0..2**64-1 (default: random, printed)")
     g.add_argument("--steps", type=_int, default=None, help="sampler steps, 1..1000 (default: the model's, 20)")
     g.add_argument("--sampler", default=None, help="sampler name (see `diffusion-fast samplers`; default dpmpp_2m)")
+    g.add_argument("--schedule", default=None,
+                   help="noise schedule (see `diffusion-fast samplers`; default the model's, karras)")
     g.add_argument("--guidance", type=_number, default=None,
                    help="classifier-free guidance scale, a finite number >= 0 (default: the model's)")
     g.add_argument("--num-images", type=_int, default=1, help="images; more than one writes a grid")
@@ -161,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="plain batched network calls: faster, but an image's last bits may depend on its batch")
 
-    sub.add_parser("samplers", help="list the samplers", description="List the samplers, one line each.")
+    sub.add_parser("samplers", help="list the samplers and schedules",
+                   description="List the samplers, one line each (order, evaluations per step, whether it draws "
+                               "noise), then the schedules.")
     sub.add_parser("info", help="versions and which backends run here",
                    description="Versions, and for each op which backends are usable here (and why not).")
     sub.add_parser("bench", help="benchmarks (diffusion-fast bench --help)", add_help=False)
@@ -239,7 +249,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         pipe = Pipeline.from_pretrained(args.model, device=args.device, backend=args.backend)
         st = pipe.settings(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                           guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler,
+                           guidance_scale=args.guidance, seed=args.seed, sampler=args.sampler, schedule=args.schedule,
                            num_images=args.num_images, return_trajectory=args.strip is not None)
     except FileNotFoundError as exc:
         raise UsageError(f"--model {args.model!r}: {exc}") from None
@@ -270,7 +280,8 @@ def _generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         out = pipe(args.prompt, negative_prompt=args.negative, steps=st.steps, guidance_scale=st.guidance_scale,
-                   seed=st.seed, sampler=st.sampler, num_images=st.num_images, progress=sys.stderr.isatty(),
+                   seed=st.seed, sampler=st.sampler, schedule=st.schedule, num_images=st.num_images,
+                   progress=sys.stderr.isatty(),
                    return_trajectory=args.strip is not None)
     except BackendUnavailable as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from None
@@ -284,7 +295,7 @@ def _generate(args: argparse.Namespace) -> int:
         pictures.append(("--strip", args.strip, pipe.strip(out.trajectory)))
     _write_images(pictures)
     print(f"wrote {args.output}: {k} image{'s' if k > 1 else ''}, seed {out.seed}, {st.steps} steps "
-          f"{st.sampler}, guidance {st.guidance_scale:g}, {seconds:.2f} s")
+          f"{st.sampler} {st.schedule}, guidance {st.guidance_scale:g}, {seconds:.2f} s")
     if args.strip is not None:
         print(f"wrote {args.strip}: top row the noisy state, bottom row each step's denoised estimate")
     return 0
@@ -342,11 +353,27 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from .samplers.tables import DESCRIPTIONS, SAMPLERS
+    from .samplers.tables import SAMPLERS, describe
 
-    width = max(len(s) for s in SAMPLERS)
-    for s in SAMPLERS:
-        print(f"{s:<{width}}  {DESCRIPTIONS.get(s, '')}")
+    info = {s: describe(s) for s in SAMPLERS}
+
+    def noise(d):
+        s = d["stochastic"]
+        return "deterministic" if s == "no" else "stochastic" if s == "yes" else f"stochastic {s}"
+
+    w = max(len(s) for s in SAMPLERS)
+    we = max(len(str(d["evaluations"])) for d in info.values())
+    wn = max(len(noise(d)) for d in info.values())
+    for s, d in info.items():
+        order = "-" if d["order"] is None else d["order"]
+        print(f"{s:<{w}}  order {order}  evals/step {d['evaluations']:<{we}}  {noise(d):<{wn}}  {d['description']}")
+    print()
+    print("order: global order of accuracy as measured on Gaussian data (multistep methods start first-order; "
+          "none for lcm, which needs a consistency model, or dpm_adaptive, set by rtol / atol); evals/step: network "
+          "evaluations per step of the schedule.")
+    print("Every sampler is a coefficient table run by one fused step without host syncs, except dpm_adaptive, "
+          "whose step sizes come from an error estimate read once per attempted step (eager only).")
+    print(f"schedules (generate --schedule): {', '.join(_schedule_names())}")
     return 0
 
 

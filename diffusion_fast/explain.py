@@ -39,7 +39,7 @@ import torch
 
 from .judge import DigitsJudge
 from .pipeline import Pipeline, PipelineOutput, grid
-from .samplers import DESCRIPTIONS, SAMPLERS, build_plan
+from .samplers import DESCRIPTIONS, OPTIONS, SAMPLERS, describe
 
 GUIDANCE = (0.0, 1.0, 2.0, 4.0, 8.0)
 STEP_COUNTS = (1, 2, 5, 10, 20, 50)
@@ -73,6 +73,7 @@ class _Call:
 class _Result:
     out: PipelineOutput
     seconds: float
+    network_calls: int  # UNet evaluations the call made, counted (adaptive samplers decide them while running)
 
 
 @dataclass
@@ -171,11 +172,17 @@ class Explainer:
 
     def _run_one(self, call: _Call) -> _Result:
         prompt = call.prompts[0] if len(call.prompts) == 1 else list(call.prompts)
-        t0 = time.perf_counter()
-        out = self.pipe(prompt, steps=call.steps, guidance_scale=call.guidance, seed=call.seed,
-                        sampler=call.sampler, num_images=call.num_images, progress=False,
-                        return_trajectory=call.trajectory)
-        return _Result(out, time.perf_counter() - t0)
+        count = [0]
+        hook = self.pipe.unet.register_forward_pre_hook(lambda module, args: count.__setitem__(0, count[0] + 1))
+        try:
+            t0 = time.perf_counter()
+            out = self.pipe(prompt, steps=call.steps, guidance_scale=call.guidance, seed=call.seed,
+                            sampler=call.sampler, num_images=call.num_images, progress=False,
+                            return_trajectory=call.trajectory)
+            seconds = time.perf_counter() - t0
+        finally:
+            hook.remove()
+        return _Result(out, seconds, count[0])
 
     def run(self, *, progress: Optional[bool] = None, command: Optional[str] = None) -> Explanation:
         """Make every picture and render the page.
@@ -203,6 +210,15 @@ class Explainer:
                            pictures=text.count("<img "),
                            accuracy_by_steps=page.accuracy_by_steps, accuracy_by_sampler=page.accuracy_by_sampler,
                            same_seed_identical=page.same_seed_identical)
+
+
+def _adds_noise(sampler: str) -> str:
+    """"yes" / "no" for the sampler with its default options (some add noise only with an option, e.g. eta > 0)."""
+    kind = str(describe(sampler)["stochastic"])
+    if kind in ("yes", "no"):
+        return kind
+    option = kind.split()[1]  # "with eta > 0", "with s_churn > 0"
+    return "yes" if (OPTIONS[sampler].get(option) or 0) > 0 else f"no (yes {kind})"
 
 
 def _other_prompt(words: Sequence[str]) -> str:
@@ -487,15 +503,14 @@ class _Page:
         ex = self.ex
         figs, rows = [], []
         k = JUDGE_IMAGES_PER_DIGIT
-        sigmas = ex.pipe.sigmas(SAMPLER_STEPS)
         for s in SAMPLERS:
             call = ex._main(steps=SAMPLER_STEPS, sampler=s)
             figs.append(_figure(self._picture(call), s, _e(s) + ("<br>(sections 1–4)" if s == ex.sampler else "")))
-            plan = build_plan(s, sigmas, prediction=ex.pipe.prediction, guidance_scale=ex.guidance)
-            noisy = "yes" if int(plan.noise.sum()) else "no"
+            noisy = _adds_noise(s)
             judge = ex._judge_call(SAMPLER_STEPS, s)
             rows.append(
-                f"<tr><td><code>{_e(s)}</code></td><td class=num>{plan.evaluations}</td><td>{noisy}</td>"
+                f"<tr><td><code>{_e(s)}</code></td><td class=num>{self.results[call].network_calls}</td>"
+                f"<td>{noisy}</td>"
                 f"<td class=num>{_ms(self.results[call].seconds)}</td>"
                 f"<td class=num>{_ms(self._seconds_per_image(judge))}</td>"
                 f"<td class=num>{round(self.accuracy_by_sampler[s] * 10 * k)}/{10 * k}</td>"

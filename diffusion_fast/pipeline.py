@@ -33,6 +33,7 @@ from .models.unet import UNet2DConditionModel, UNetConfig
 from .ops._checks import FLOAT_DTYPES
 from .samplers.api import check_generator, check_guidance_scale
 from .samplers.tables import SAMPLERS
+from .schedules.formulas import SCHEDULES as _ALL_SCHEDULES
 
 FORMAT = "diffusion_fast.pipeline/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -47,7 +48,16 @@ DEFAULT_BATCH_SIZE = 256
 #: picture written can be opened again by PIL's defaults (89.5 M pixels, ~90 MB in mode L).
 MAX_PICTURE_PIXELS = 89_478_485
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
-DEFAULT_KEYS = ("steps", "sampler", "guidance_scale")
+DEFAULT_KEYS = ("steps", "sampler", "schedule", "guidance_scale")
+# The schedules a pipeline builds for its (VE) model: every closed form but rectified flow's.
+SCHEDULES = tuple(s for s in _ALL_SCHEDULES if s != "flow")
+
+
+def check_schedule(value: object, name: str = "schedule") -> str:
+    """A schedule name a pipeline can build (one of :data:`SCHEDULES`)."""
+    if not isinstance(value, str) or value not in SCHEDULES:
+        raise ValueError(f"{name} must be one of {', '.join(SCHEDULES)}; got {value!r}")
+    return value
 
 
 def timestep_from_sigma(sigma: torch.Tensor, scale: float) -> torch.Tensor:
@@ -98,6 +108,7 @@ class Settings:
     negative_prompts: tuple[str, ...]  # one per prompt ("" for none)
     steps: int
     sampler: Any
+    schedule: str
     guidance_scale: Any
     num_images: int
     count: int
@@ -205,6 +216,8 @@ def check_config(config: object) -> None:
             _int_in("defaults.steps", defaults["steps"], 1, MAX_STEPS)
         if "sampler" in defaults and defaults["sampler"] not in SAMPLERS:
             raise ValueError(f"defaults.sampler must be one of {', '.join(SAMPLERS)}; got {defaults['sampler']!r}")
+        if "schedule" in defaults:
+            check_schedule(defaults["schedule"], "defaults.schedule")
         if "guidance_scale" in defaults:
             check_guidance_scale(defaults["guidance_scale"], "defaults.guidance_scale")
     except (TypeError, ValueError) as exc:
@@ -418,11 +431,23 @@ class Pipeline:
                 out.append(Image.fromarray(img[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB"))
         return out
 
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The Karras noise levels for ``steps`` steps: ``[steps + 1]`` float64, ending in 0."""
-        from .schedules import karras
+    def sigmas(self, steps: int, schedule: str = "karras") -> torch.Tensor:
+        """The noise levels of ``schedule`` (one of :data:`SCHEDULES`, default Karras) for ``steps`` steps over
+        the model's range: ``[steps + 1]`` float64, ending in 0 (ComfyUI's ``ddim_uniform`` / ``beta`` can give
+        one step more or fewer). The table schedulers pick from the model's log-uniform table of 1000 levels
+        between ``sigma_min`` and ``sigma_max`` (what ComfyUI keeps for a continuous-sigma model); the Align
+        Your Steps tables are the published ones (tuned for their models' ranges)."""
+        from . import schedules
 
-        return karras(steps, self.sigma_min, self.sigma_max, self.rho)
+        check_schedule(schedule)
+        if schedule in ("karras", "polyexponential"):
+            rho = self.rho if schedule == "karras" else 1.0
+            return getattr(schedules, schedule)(steps, self.sigma_min, self.sigma_max, rho)
+        if schedule == "exponential":
+            return schedules.exponential(steps, self.sigma_min, self.sigma_max)
+        if schedule.startswith("ays_"):
+            return schedules.align_your_steps(steps, schedule[4:])
+        return schedules.get(schedule, steps, model_sigmas=schedules.edm_sigmas(self.sigma_min, self.sigma_max))
 
     # -- sampling ----------------------------------------------------------------------------------------
     def _denoiser(self) -> Callable[..., torch.Tensor]:
@@ -445,6 +470,7 @@ class Pipeline:
         generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         return_trajectory: bool = False,
+        schedule: Optional[str] = None,
     ) -> Settings:
         """Check a call's arguments and fill in the model's defaults, without sampling (what ``__call__`` does
         first; arguments as there). A command line uses it to refuse bad input before any work and to learn
@@ -479,8 +505,10 @@ class Pipeline:
             seed = int.from_bytes(os.urandom(4), "little")
         self._check_memory(count, steps, return_trajectory, num_images)
         sampler = self.defaults.get("sampler", "dpmpp_2m") if sampler is None else sampler
+        schedule = check_schedule(self.defaults.get("schedule", "karras") if schedule is None else schedule)
         g = self.defaults.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-        return Settings(tuple(prompts), tuple(negatives), steps, sampler, g, num_images, count, seed, batch_size)
+        return Settings(tuple(prompts), tuple(negatives), steps, sampler, schedule, g, num_images, count, seed,
+                        batch_size)
 
     def _check_memory(self, count: int, steps: int, return_trajectory: bool, num_images: int) -> None:
         """Refuse a call whose results cannot fit in memory, before allocating them. Counted: the noise and the
@@ -515,6 +543,7 @@ class Pipeline:
         return_trajectory: bool = False,
         cuda_graph: Optional[bool] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        schedule: Optional[str] = None,
     ) -> PipelineOutput:
         """Generate ``num_images`` images per prompt.
 
@@ -530,6 +559,7 @@ class Pipeline:
                 size and (on CPU) thread count (``torch.get_num_threads()``) give a bit-identical image: torch's
                 CPU convolutions split their sums by thread count.
             sampler: a name from ``diffusion_fast.SAMPLERS`` (default ``"dpmpp_2m"``).
+            schedule: a name from :data:`SCHEDULES` (default ``"karras"``); see :meth:`sigmas`.
             num_images: images per prompt, each from different noise.
             generator: a ``torch.Generator`` on the pipeline's device instead of ``seed``, or a list of ``K`` of
                 them, one per image (prompt-major): image ``k``'s starting noise and sampler noise then come from
@@ -555,15 +585,16 @@ class Pipeline:
         from . import sample
         from .samplers.loop import draw_noise
 
-        st = self.settings(prompt, negative_prompt, steps, guidance_scale, seed, sampler, num_images, generator,
-                           batch_size, return_trajectory)
+        st = self.settings(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+                           seed=seed, sampler=sampler, num_images=num_images, generator=generator,
+                           batch_size=batch_size, return_trajectory=return_trajectory, schedule=schedule)
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(st.seed)
         cuda_graph = self.cuda_graph if cuda_graph is None else bool(cuda_graph)
 
         K = st.count
         cfg = self.unet.config
-        sigmas = self.sigmas(st.steps)
+        sigmas = self.sigmas(st.steps, st.schedule)
         noise = draw_noise((K, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator, self.device)
         x_all = noise * float(sigmas[0])
 

@@ -51,6 +51,7 @@ def test_generate_grid_strip_and_options(capsys, tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["generate", "7", "--sampler", "nope"], "sampler must be one of .*euler.*; got 'nope'"),
     (["generate", "7", "--steps", "0"], "steps must be >= 1 and at most 1000, got 0"),
+    (["generate", "7", "--schedule", "flow"], "schedule must be one of karras, .*; got 'flow'"),
     (["generate", "7", "--steps", "x"], "argument --steps: must be an integer"),
     (["generate", "7", "--guidance", "-1"], "guidance_scale must be a finite number >= 0, got -1.0"),
     (["generate", "7", "--guidance", "x"], "argument --guidance: must be a number, got 'x'"),
@@ -111,9 +112,11 @@ def test_output_is_a_directory(capsys, tmp_path):
 def test_samplers_lists_each_with_a_line(capsys):
     code, out, _ = run(capsys, "samplers")
     assert code == 0
-    lines = out.strip().splitlines()
+    lines = out.strip().split("\n\n")[0].splitlines()
     assert [line.split()[0] for line in lines] == list(SAMPLERS)
-    assert all(len(line.split()) > 2 for line in lines)
+    assert all(line.split()[1] == "order" and "/step" in line and ("deterministic" in line or "stochastic" in line)
+               for line in lines)
+    assert "schedules (generate --schedule): karras" in out and "dpm_adaptive" in out
 
 
 def test_info_lists_versions_and_every_backend(capsys):

@@ -135,7 +135,7 @@ def test_no_sync_mode_catches_item():
             torch.ones(1).item()
 
 
-@pytest.mark.parametrize("sampler", df.SAMPLERS)
+@pytest.mark.parametrize("sampler", [s for s in df.SAMPLERS if s != "dpm_adaptive"])  # the one that reads its error
 def test_sampling_loop_never_syncs(sampler):
     sig = karras(6, 0.05, 10.0)
     x = torch.randn(2, 4) * 10
@@ -148,7 +148,7 @@ def test_sampling_loop_never_syncs(sampler):
 @pytest.mark.parametrize(
     "kwargs,exc,words",
     [
-        (dict(sampler="dpm_fast"), ValueError, ["sampler", "dpm_fast", "euler"]),
+        (dict(sampler="dpm_faster"), ValueError, ["sampler", "dpm_faster", "euler"]),
         (dict(sigmas=[1.0]), ValueError, ["sigmas", "2 values"]),
         (dict(sigmas=[1.0, 2.0, 0.0]), ValueError, ["sigmas", "decreasing"]),
         (dict(sigmas=[1.0, float("nan"), 0.0]), ValueError, ["sigmas", "finite"]),
@@ -182,7 +182,7 @@ def test_bad_arguments_name_what_is_wrong(kwargs, exc, words):
 def test_samplers_listed_and_described():
     from diffusion_fast.samplers import DESCRIPTIONS
 
-    assert len(df.SAMPLERS) == 10
+    assert len(df.SAMPLERS) == 24
     assert set(DESCRIPTIONS) == set(df.SAMPLERS)
     assert all(DESCRIPTIONS[s] for s in df.SAMPLERS)
 

@@ -196,7 +196,8 @@ def test_flow_matching_explicit_range():
 
 
 def test_get_dispatches_by_name():
-    assert set(schedules.SCHEDULES) == {"karras", "exponential", "polyexponential", "flow"}
+    assert set(schedules.SCHEDULES) == {"karras", "exponential", "polyexponential", "flow", "normal", "sgm_uniform",
+                                        "simple", "ddim_uniform", "beta", "ays_sd15", "ays_sdxl", "ays_svd"}
     torch.testing.assert_close(schedules.get("karras", 9, sigma_min=0.1, sigma_max=10.0, rho=5.0),
                                schedules.karras(9, 0.1, 10.0, 5.0), rtol=0, atol=0)
     torch.testing.assert_close(schedules.get("exponential", 9, sigma_min=0.1, sigma_max=10.0),
@@ -205,10 +206,198 @@ def test_get_dispatches_by_name():
                                schedules.polyexponential(9, 0.1, 10.0, 2.0), rtol=0, atol=0)
     torch.testing.assert_close(schedules.get("flow", 9, shift=3.0), schedules.flow_matching(9, 3.0),
                                rtol=0, atol=0)
+    torch.testing.assert_close(schedules.get("ays_sdxl", 9), schedules.align_your_steps(9, "sdxl"), rtol=0, atol=0)
+    table = schedules.edm_sigmas(0.5, 2.0)
     for name in schedules.SCHEDULES:
-        kw = {"shift": 2.0} if name == "flow" else {"sigma_min": 0.5, "sigma_max": 2.0}
+        kw = {"shift": 2.0} if name == "flow" else {} if name.startswith("ays") else {
+            "model_sigmas": table} if name in ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta") else {
+            "sigma_min": 0.5, "sigma_max": 2.0}
         s = schedules.get(name, 4, **kw)
-        assert s.shape == (5,) and s.dtype == torch.float64 and s[-1].item() == 0.0
+        assert s.shape == (5,) and s.dtype == torch.float64 and s[-1].item() == 0.0, name
+        assert bool((s[1:] < s[:-1]).all()), name
+
+
+# ComfyUI's schedulers, transcribed (comfy/samplers.py; ModelSamplingDiscrete from comfy/model_sampling.py with
+# make_beta_schedule("linear") from comfy/ldm/modules/diffusionmodules/util.py).
+
+class ComfyModelSamplingDiscrete:
+    def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1. - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        log_sigma = sigma.log()
+        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=(len(self.sigmas) - 1))
+        low_idx = t.floor().long()
+        high_idx = t.ceil().long()
+        w = t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
+        return log_sigma.exp().to(timestep.device)
+
+
+def comfy_simple_scheduler(model_sampling, steps):
+    s = model_sampling
+    sigs = []
+    ss = len(s.sigmas) / steps
+    for x in range(steps):
+        sigs += [float(s.sigmas[-(1 + int(x * ss))])]
+    sigs += [0.0]
+    return torch.FloatTensor(sigs)
+
+
+def comfy_ddim_scheduler(model_sampling, steps):
+    s = model_sampling
+    sigs = []
+    x = 1
+    if math.isclose(float(s.sigmas[x]), 0, abs_tol=0.00001):
+        steps += 1
+        sigs = []
+    else:
+        sigs = [0.0]
+    ss = max(len(s.sigmas) // steps, 1)
+    while x < len(s.sigmas):
+        sigs += [float(s.sigmas[x])]
+        x += ss
+    sigs = sigs[::-1]
+    return torch.FloatTensor(sigs)
+
+
+def comfy_normal_scheduler(model_sampling, steps, sgm=False, floor=False):
+    s = model_sampling
+    start = s.timestep(s.sigma_max)
+    end = s.timestep(s.sigma_min)
+    append_zero = True
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1)[:-1]
+    else:
+        if math.isclose(float(s.sigma(end)), 0, abs_tol=0.00001):
+            steps += 1
+            append_zero = False
+        timesteps = torch.linspace(start, end, steps)
+    sigs = []
+    for x in range(len(timesteps)):
+        ts = timesteps[x]
+        sigs.append(float(s.sigma(ts)))
+    if append_zero:
+        sigs += [0.0]
+    return torch.FloatTensor(sigs)
+
+
+def comfy_beta_scheduler(model_sampling, steps, alpha=0.6, beta=0.6):
+    import scipy.stats
+
+    total_timesteps = (len(model_sampling.sigmas) - 1)
+    ts = 1 - np.linspace(0, 1, steps, endpoint=False)
+    ts = np.rint(scipy.stats.beta.ppf(ts, alpha, beta) * total_timesteps)
+    sigs = []
+    last_t = -1
+    for t in ts:
+        if t != last_t:
+            sigs += [float(model_sampling.sigmas[int(t)])]
+        last_t = t
+    sigs += [0.0]
+    return torch.FloatTensor(sigs)
+
+
+def comfy_loglinear_interp(t_steps, num_steps):
+    xs = np.linspace(0, 1, len(t_steps))
+    ys = np.log(t_steps[::-1])
+    new_xs = np.linspace(0, 1, num_steps)
+    new_ys = np.interp(new_xs, xs, ys)
+    interped_ys = np.exp(new_ys)[::-1].copy()
+    return interped_ys
+
+
+COMFY_AYS = {"SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                     0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+             "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                      0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+             "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002]}
+
+
+def comfy_ays(model_type, steps):
+    sigmas = COMFY_AYS[model_type][:]
+    if (steps + 1) != len(sigmas):
+        sigmas = comfy_loglinear_interp(sigmas, steps + 1)
+    sigmas = sigmas[-(steps + 1):]
+    sigmas[-1] = 0
+    return torch.FloatTensor(sigmas)
+
+
+TABLE_STEPS = (1, 2, 3, 7, 10, 20, 33, 50, 999, 1000)
+
+
+@pytest.mark.parametrize("n", TABLE_STEPS)
+def test_comfyui_table_schedulers_match_comfyui(n):
+    """Same numbers as ComfyUI for SD's table: the picked levels equal (they are table entries), the
+    interpolated ones to float32 rounding (ComfyUI returns float32)."""
+    ms = ComfyModelSamplingDiscrete()
+    torch.testing.assert_close(schedules.discrete_sigmas(), ms.sigmas.double(), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.simple(n), comfy_simple_scheduler(ms, n).double(), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.ddim_uniform(n), comfy_ddim_scheduler(ms, n).double(), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.beta(n), comfy_beta_scheduler(ms, n).double(), rtol=0, atol=0)
+    torch.testing.assert_close(schedules.normal(n), comfy_normal_scheduler(ms, n).double(), rtol=F32_RTOL, atol=0)
+    torch.testing.assert_close(schedules.sgm_uniform(n), comfy_normal_scheduler(ms, n, sgm=True).double(),
+                               rtol=F32_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("alpha,b", [(0.6, 0.6), (0.5, 0.7), (2.0, 1.2)])
+@pytest.mark.parametrize("n", [4, 25, 60])
+def test_beta_scheduler_with_other_shapes(alpha, b, n):
+    ms = ComfyModelSamplingDiscrete()
+    torch.testing.assert_close(schedules.beta(n, alpha=alpha, beta=b), comfy_beta_scheduler(ms, n, alpha, b).double(),
+                               rtol=0, atol=0)
+
+
+def test_beta_quantile_matches_scipy():
+    from scipy.special import betainc
+    from scipy.stats import beta as scipy_beta
+
+    from diffusion_fast.schedules.formulas import _beta_ppf, _betainc
+
+    for a, b in [(0.6, 0.6), (0.5, 2.0), (3.0, 0.4), (1.0, 1.0), (7.0, 5.0), (0.2, 0.3)]:
+        for x in np.linspace(0.001, 0.999, 37):
+            assert _betainc(a, b, float(x)) == pytest.approx(betainc(a, b, x), abs=1e-14)
+        for q in np.linspace(0, 1, 41):
+            assert _beta_ppf(float(q), a, b) == pytest.approx(scipy_beta.ppf(q, a, b), abs=1e-13)
+
+
+def test_comfyui_table_schedulers_on_a_continuous_model():
+    """For a continuous-sigma model ComfyUI's table is log-uniform; sgm_uniform there is log-uniform spacing from
+    sigma_max without the last point (ComfyUI's ModelSamplingContinuousEDM: timestep = log(sigma) / 4)."""
+    lo, hi = 0.002, 80.0
+    table = schedules.edm_sigmas(lo, hi)
+    n = 12
+    t = torch.linspace(0.25 * math.log(hi), 0.25 * math.log(lo), n + 1)[:-1]
+    want = torch.cat([(t / 0.25).exp(), torch.zeros(1)]).double()
+    torch.testing.assert_close(schedules.sgm_uniform(n, table), want, rtol=2e-6, atol=0)
+    assert schedules.simple(n, table)[0].item() == pytest.approx(hi, rel=1e-14)
+    assert schedules.normal(n, table)[-2].item() == pytest.approx(lo, rel=1e-6)
+
+
+@pytest.mark.parametrize("model,key", [("sd15", "SD1"), ("sdxl", "SDXL"), ("svd", "SVD")])
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 11, 32, 100])
+def test_align_your_steps_matches_comfyui(model, key, n):
+    got = schedules.align_your_steps(n, model)
+    torch.testing.assert_close(got, comfy_ays(key, n).double(), rtol=F32_RTOL, atol=0)
+    if n == 10:  # the published levels themselves, the smallest replaced by 0
+        torch.testing.assert_close(got[:-1], torch.tensor(COMFY_AYS[key][:-1], dtype=torch.float64), rtol=0, atol=0)
+    assert got[0].item() == pytest.approx(COMFY_AYS[key][0], rel=1e-14) and got[-1].item() == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -715,6 +904,14 @@ BAD_CLOSED_FORM = [
     (lambda: schedules.flow_matching(5, sigma_min=0.5, sigma_max=0.2), ValueError, "sigma_min must be < sigma_max"),
     (lambda: schedules.flow_matching(1001), ValueError, "n must be <= num_train_timesteps (1000)"),
     (lambda: schedules.get("cosine", 5), ValueError, "schedule 'cosine' is unknown; choose one of karras"),
+    (lambda: schedules.simple(0), ValueError, "n must be >= 1"),
+    (lambda: schedules.normal(5, [1.0, 0.5, 2.0]), ValueError, "model_sigmas must be the model's training sigmas"),
+    (lambda: schedules.sgm_uniform(5, [0.0, 1.0]), ValueError, "model_sigmas must be"),
+    (lambda: schedules.beta(5, alpha=0.0), ValueError, "alpha must be > 0"),
+    (lambda: schedules.beta(5, beta=float("inf")), ValueError, "beta must be finite"),
+    (lambda: schedules.align_your_steps(5, "sd3"), ValueError, "model must be one of sd15, sdxl, svd"),
+    (lambda: schedules.discrete_sigmas(beta_start=0.02, beta_end=0.01), ValueError, "beta_start < beta_end"),
+    (lambda: schedules.edm_sigmas(1.0, 0.5), ValueError, "sigma_min must be < sigma_max"),
 ]
 
 

@@ -11,6 +11,9 @@
    data's 0..16). Accuracy = fraction labelled as the prompted digit. The bar: >= 90% at 20 steps of
    dpmpp_2m with the model's default guidance.
 3. The same accuracy over steps (1, 2, 5, 10, 20, 50) x guidance scale (1, 2, 4, 8).
+4. At 20 steps: every sampler x guidance scale, and every schedule (dpmpp_2m, default guidance).
+   ``--samplers-only`` computes just these two tables (``--samplers-only --write-docs`` rewrites only those
+   sections of docs/quality.md).
 
 Deterministic: fixed split, fixed seeds; the sampler's output is bit-identical for a seed on one machine.
 """
@@ -39,6 +42,7 @@ STEPS = (1, 2, 5, 10, 20, 50)
 GUIDANCE = (1.0, 2.0, 4.0, 8.0)
 VARIANTS = ("{w}", "{d}", "a handwritten {w}", "the digit {d}", "number {d}")
 SAMPLER_COMPARISON = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+TWENTY = 20  # the step count of the all-samplers and all-schedules tables
 
 
 def real_digits(seed: int = 0):
@@ -71,14 +75,15 @@ def pixel_fd(x: np.ndarray, real: np.ndarray) -> float:
 
 
 def evaluate_cell(pipe: Pipeline, clf, *, steps: int, guidance: float, seeds, template: str,
-                  sampler: str = "dpmpp_2m", real: np.ndarray | None = None) -> dict:
+                  sampler: str = "dpmpp_2m", schedule: str = "karras", real: np.ndarray | None = None) -> dict:
     """Generate the ten digits for each seed; returns accuracy (fraction the classifier labels as prompted),
     the pixel Frechet distance to ``real`` (when given) and sampling seconds per image."""
     prompts = [template.format(w=WORDS[d], d=d) for d in range(10)]
     correct, seconds, images = 0, 0.0, []
     for s in seeds:
         t0 = time.perf_counter()
-        out = pipe(prompts, steps=steps, guidance_scale=guidance, seed=s, sampler=sampler, progress=False)
+        out = pipe(prompts, steps=steps, guidance_scale=guidance, seed=s, sampler=sampler, schedule=schedule,
+                   progress=False)
         seconds += time.perf_counter() - t0
         x = out.samples.reshape(10, -1).double().numpy() * 16.0
         correct += int((clf.predict(x) == np.arange(10)).sum())
@@ -114,8 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-table", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this small model)")
     p.add_argument("--write-docs", action="store_true", help="write docs/quality.md")
+    p.add_argument("--samplers-only", action="store_true",
+                   help=f"only the {TWENTY}-step tables of every sampler and schedule (with --write-docs: replace "
+                        "just those sections of docs/quality.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.samplers_only:
+        pipe = Pipeline.from_pretrained(args.model)
+        clf, _ = train_classifier()
+        by_sampler, by_schedule = twenty_step_tables(pipe, clf, args, real_digits()[0].astype(np.float64))
+        if args.write_docs:
+            g0 = float(pipe.defaults.get("guidance_scale", 1.0))
+            splice_twenty_step_sections(twenty_step_lines(pipe, g0, args, by_sampler, by_schedule))
+        return 0
 
     t_start = time.time()
     pipe = Pipeline.from_pretrained(args.model)
@@ -158,14 +174,94 @@ def main(argv: list[str] | None = None) -> int:
                                                        template="a handwritten {w}", sampler=sampler)["accuracy"]
             print(f"5 steps {sampler:>13}: " + "  ".join(f"g={g:g}: {samplers[(sampler, g)]:.2f}"
                                                          for g in GUIDANCE), flush=True)
+    by_sampler, by_schedule = ({}, {}) if args.no_table else twenty_step_tables(pipe, clf, args,
+                                                                                xtr.astype(np.float64))
     print(f"evaluation took {time.time() - t_start:.0f}s")
 
     if args.write_docs:
-        write_docs(pipe, held_out, real_fd, main_acc, g0, args, variants, table, samplers, per_call)
+        write_docs(pipe, held_out, real_fd, main_acc, g0, args, variants, table, samplers, per_call, by_sampler,
+                   by_schedule)
     return 0 if held_out >= 0.97 and main_acc >= 0.90 else 1
 
 
-def write_docs(pipe, held_out, real_fd, main_acc, g0, args, variants, table, samplers, per_call) -> None:
+def twenty_step_tables(pipe: Pipeline, clf, args, real: np.ndarray) -> tuple[dict, dict]:
+    """At 20 steps: ``{(sampler, g): cell}`` for every sampler and guidance scale, and ``{schedule: cell}`` for every
+    schedule (dpmpp_2m, default guidance), cells as :func:`evaluate_cell` returns them; printed as they come."""
+    from diffusion_fast import SAMPLERS
+    from diffusion_fast.pipeline import SCHEDULES
+
+    g0 = float(pipe.defaults.get("guidance_scale", 1.0))
+    seeds = range(100, 100 + args.table_seeds)
+    by_sampler, by_schedule = {}, {}
+    for sampler in SAMPLERS:
+        for g in GUIDANCE:
+            by_sampler[(sampler, g)] = evaluate_cell(pipe, clf, steps=TWENTY, guidance=g, seeds=seeds,
+                                                     template="a handwritten {w}", sampler=sampler, real=real)
+        print(f"{TWENTY} steps {sampler:>23}: " + "  ".join(f"g={g:g}: {by_sampler[(sampler, g)]['accuracy']:.2f}"
+                                                           for g in GUIDANCE)
+              + f"  (FD at g={g0:g}: {by_sampler[(sampler, g0)]['fd']:.0f})", flush=True)
+    for schedule in SCHEDULES:
+        by_schedule[schedule] = evaluate_cell(pipe, clf, steps=TWENTY, guidance=g0, seeds=seeds,
+                                              template="a handwritten {w}", schedule=schedule, real=real)
+        print(f"{TWENTY} steps dpmpp_2m, schedule {schedule:>15}, g={g0:g}: {by_schedule[schedule]['accuracy']:.2f} "
+              f"(FD {by_schedule[schedule]['fd']:.0f})", flush=True)
+    return by_sampler, by_schedule
+
+
+TWENTY_BEGIN = f"## {TWENTY} steps, every sampler"
+TWENTY_END = "## Model"
+
+
+def twenty_step_lines(pipe: Pipeline, g0: float, args, by_sampler: dict, by_schedule: dict) -> list[str]:
+    """The two 20-step sections of docs/quality.md (from ``TWENTY_BEGIN`` up to ``TWENTY_END``)."""
+    names = list(dict.fromkeys(s for s, _ in by_sampler))
+    lines = [
+        f"{TWENTY_BEGIN} (accuracy, Karras schedule, 10 digits x {args.table_seeds} seeds)",
+        "",
+        "The last column is the pixel Frechet distance at the default guidance (lower is closer to real digits).",
+        "",
+        "| sampler | " + " | ".join(f"g = {g:g}" for g in GUIDANCE) + f" | FD, g = {g0:g} |",
+        "| --- | " + " | ".join("---" for _ in GUIDANCE) + " | --- |",
+    ]
+    for sampler in names:
+        lines.append(f"| {sampler} | " + " | ".join(f"{by_sampler[(sampler, g)]['accuracy']:.2f}" for g in GUIDANCE)
+                     + f" | {by_sampler[(sampler, g0)]['fd']:.0f} |")
+    lines += [
+        "",
+        "dpm_fast and dpm_adaptive stop at the schedule's smallest nonzero sigma without a final denoising step,",
+        "as in k-diffusion; uni_pc and uni_pc_bh2 stop at sigma 0.001 (ComfyUI's terminal); lcm is meant for a",
+        "consistency model, and on this denoiser it returns each step's denoised estimate re-noised.",
+        "",
+        f"## {TWENTY} steps, every schedule (dpmpp_2m, guidance {g0:g}, 10 digits x {args.table_seeds} seeds)",
+        "",
+        "The table schedulers pick from the model's log-uniform table of 1000 levels over its range "
+        f"({pipe.sigma_min:g} .. {pipe.sigma_max:g});",
+        "the Align Your Steps tables are the published ones, tuned for Stable Diffusion's and SVD's ranges.",
+        "",
+        "| schedule | accuracy | FD |",
+        "| --- | --- | --- |",
+    ]
+    for schedule, cell in by_schedule.items():
+        lines.append(f"| {schedule} | {cell['accuracy']:.2f} | {cell['fd']:.0f} |")
+    return lines + [""]
+
+
+def splice_twenty_step_sections(lines: list[str]) -> None:
+    """Replace (or insert before ``TWENTY_END``) the 20-step sections of docs/quality.md, keeping the rest."""
+    out = ROOT / "docs" / "quality.md"
+    text = out.read_text()
+    head, sep, tail = text.partition(TWENTY_END)
+    if not sep:
+        raise SystemExit(f"{out}: no '{TWENTY_END}' section to insert before; run --write-docs")
+    head = head.split(TWENTY_BEGIN)[0]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(head + "\n".join(lines) + "\n" + sep + tail)
+    tmp.replace(out)
+    print(f"updated the {TWENTY}-step sections of {out}")
+
+
+def write_docs(pipe, held_out, real_fd, main_acc, g0, args, variants, table, samplers, per_call, by_sampler=None,
+               by_schedule=None) -> None:
     tr = pipe.config.get("training", {})
     summary = [
         f"- judge's held-out accuracy on real digits: **{held_out:.4f}** (bar: 0.97)",
@@ -242,8 +338,10 @@ def write_docs(pipe, held_out, real_fd, main_acc, g0, args, variants, table, sam
             "At five steps with strong guidance the second-order samplers break down: their correction",
             "extrapolates between successive denoised estimates, and guidance makes those estimates far apart",
             "when the noise level falls by a factor of 5 to 30 per step. First-order euler has no such",
-            "extrapolation. With 10 steps or more every sampler and guidance scale above 1 reads as prompted.",
+            "extrapolation. With 10 steps or more each of these samplers reads as prompted at every guidance above 1.",
         ]
+    if by_sampler:
+        lines += [""] + twenty_step_lines(pipe, g0, args, by_sampler, by_schedule)[:-1]
     lines += [
         "",
         "## Model",

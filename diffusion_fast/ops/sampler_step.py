@@ -17,7 +17,8 @@ call; the row's layout (the indices ``G``, ``P``, ... below) is :mod:`diffusion_
     net_input[:B] (and net_input[B:2B] for a CFG batch) = (row[CIN] * x_new).to(net_input.dtype)
 
 All reads happen before any write (element by element), so ``out`` may be ``x`` and a slot that is read may
-be overwritten in the same call. Math is float32; ``x``, ``hist`` and ``out`` are float32.
+be overwritten in the same call. Math is float32; ``x``, ``hist``, ``out`` and ``coef`` are float32 — or all
+float64, which only the reference backend serves (a float64 reference run of a sampler).
 
 Slots: ``-1`` writes nothing, ``0..K-1`` writes that slot; any other value is an error. The op reads slot
 values on the host only where that costs no device synchronisation — CPU tensors, for every backend — and
@@ -42,6 +43,9 @@ from . import library, registry
 from ._checks import FLOAT_DTYPES, check_no_overlap, check_same_device, check_tensor
 from .rows import MAX_HIST, coef_width
 
+_STATE_DTYPES = (torch.float32, torch.float64)
+_ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
+
 registry.register("sampler_step", "torch", "diffusion_fast.kernels.reference.sampler_step")
 registry.register("sampler_step", "triton", "diffusion_fast.kernels.triton.sampler_step")
 registry.register("sampler_step", "cuda", "diffusion_fast.kernels.cuda.sampler_step")
@@ -62,26 +66,27 @@ def sampler_step(
     """Apply one coefficient row (see the module docstring for the exact formula).
 
     Args:
-        x: ``[B, *S]`` float32 sampler state at which the network was evaluated.
+        x: ``[B, *S]`` float32 (or float64) sampler state at which the network was evaluated.
         model_output: ``[B, *S]`` or ``[2B, *S]`` (CFG batch: unconditional half first), any float dtype.
-        coef: ``[9 + 2K]`` float32 coefficient row, on x's device.
+        coef: ``[9 + 2K]`` coefficient row in x's dtype, on x's device.
         slots: ``[2]`` int32/int64 ``(slot for D, slot for y)``, each -1 ("no write") or ``0..K-1``; required
             when ``K > 0`` (see "Slots" above).
-        hist: ``[K, B, *S]`` float32 history, ``K <= 8``; updated in place.
+        hist: ``[K, B, *S]`` history in x's dtype, ``K <= 8``; updated in place.
         noise: ``[B, *S]`` standard normal noise (any float dtype) or None (then ``row[AZ]`` is unused).
-        out: ``[B, *S]`` float32 result buffer; may be ``x`` (no other overlap). Allocated when None.
+        out: ``[B, *S]`` result buffer in x's dtype; may be ``x`` (no other overlap). Allocated when None.
         net_input: ``[B, *S]`` or ``[2B, *S]`` buffer (any float dtype) that receives the next network input
             ``row[CIN] * x_new`` (duplicated into both halves for a CFG batch); skipped when None.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (a float64 state: ``"auto"`` or ``"torch"``).
 
     Returns:
         ``out`` (``x_new``).
     """
-    check_tensor("x", x, dtypes=(torch.float32,))
+    check_tensor("x", x, dtypes=_STATE_DTYPES)
+    state = (x.dtype,)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [B, ...] tensor, got shape {tuple(x.shape)}")
     B, S = x.shape[0], tuple(x.shape[1:])
-    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES)
+    check_tensor("model_output", model_output, dtypes=_ANY_FLOAT)
     if tuple(model_output.shape[1:]) != S or model_output.shape[0] not in (B, 2 * B):
         raise ValueError(
             f"model_output must have shape [B, ...] or [2B, ...] with B={B} and trailing dims {S} "
@@ -89,13 +94,13 @@ def sampler_step(
         )
     K = 0
     if hist is not None:
-        check_tensor("hist", hist, dtypes=(torch.float32,))
+        check_tensor("hist", hist, dtypes=state)
         if hist.dim() != x.dim() + 1 or tuple(hist.shape[1:]) != tuple(x.shape):
             raise ValueError(f"hist must have shape [K, *x.shape] = [K, {B}, ...], got {tuple(hist.shape)}")
         K = hist.shape[0]
         if not 1 <= K <= MAX_HIST:
             raise ValueError(f"hist must have 1 to {MAX_HIST} slots, got K={K}")
-    check_tensor("coef", coef, dtypes=(torch.float32,))
+    check_tensor("coef", coef, dtypes=state)
     if coef.dim() != 1 or coef.shape[0] != coef_width(K):
         raise ValueError(f"coef must be a 1-D row of {coef_width(K)} = 9 + 2K values for K={K} history "
                          f"slots, got shape {tuple(coef.shape)}")
@@ -106,17 +111,17 @@ def sampler_step(
         if tuple(slots.shape) != (2,):
             raise ValueError(f"slots must have shape [2] (slot for D, slot for y), got {tuple(slots.shape)}")
     if noise is not None:
-        check_tensor("noise", noise, dtypes=FLOAT_DTYPES)
+        check_tensor("noise", noise, dtypes=_ANY_FLOAT)
         if noise.shape != x.shape:
             raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, dtypes=(torch.float32,))
+        check_tensor("out", out, dtypes=state)
         if out.shape != x.shape:
             raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
     if net_input is not None:
-        check_tensor("net_input", net_input, dtypes=FLOAT_DTYPES)
+        check_tensor("net_input", net_input, dtypes=_ANY_FLOAT)
         if tuple(net_input.shape[1:]) != S or net_input.shape[0] not in (B, 2 * B):
             raise ValueError(f"net_input must have shape [B, ...] or [2B, ...] with B={B} and trailing dims "
                              f"{S}, got {tuple(net_input.shape)}")

@@ -13,7 +13,7 @@ import torch
 from ..ops._checks import same_device
 from ..ops.rows import G
 from .loop import get_plan, run
-from .tables import PARAMETRIZATIONS, PREDICTIONS
+from .tables import ADAPTIVE, BROWNIAN_DEFAULT, PARAMETRIZATIONS, PREDICTIONS, VE_ONLY, check_options
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -113,8 +113,9 @@ def _check_args(model, x, sampler, prediction, parametrization, guidance_scale, 
                 raise ValueError(f"{name} is on {c.device} but x is on {x.device}")
     if cond is not None and uncond is not None and cond.shape != uncond.shape:
         raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} must have the same shape")
-    if net_dtype is not None and net_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"net_dtype must be float32, float16 or bfloat16, got {net_dtype}")
+    if net_dtype is not None and net_dtype not in (torch.float32, torch.float16, torch.bfloat16) and not (
+            net_dtype == torch.float64 and x.dtype == torch.float64):
+        raise TypeError(f"net_dtype must be float32, float16 or bfloat16 (float64 with a float64 x), got {net_dtype}")
     return parametrization
 
 
@@ -136,6 +137,7 @@ def sample(
     backend: str = "auto",
     cuda_graph: bool = False,
     check_finite: bool = False,
+    noise_sampler: Union[Callable[[float, float], torch.Tensor], str, None] = None,
     **options,
 ) -> torch.Tensor:
     """Run ``sampler`` over the schedule ``sigmas`` starting from ``x`` and return the sample.
@@ -150,7 +152,9 @@ def sample(
             ``"sample"``, ``"flow"``) it receives ``c_in(sigma) * x`` in ``net_dtype`` (``c_in = 1 /
             sqrt(sigma^2 + 1)`` for the VE parametrization, 1 for flow) and returns its raw output, which
             the fused step converts to the denoised estimate.
-        x: ``[B, ...]`` starting noise already multiplied by ``sigmas[0]`` (flow: pure noise at sigma 1).
+        x: ``[B, ...]`` starting noise already multiplied by ``sigmas[0]`` (flow: pure noise at sigma 1). A
+            float64 ``x`` keeps a float64 state, tables and output (a reference run; the fused step then runs
+            on the reference backend), any other float dtype a float32 state.
         sigmas: ``[N + 1]`` strictly decreasing, usually ending in 0 (see :mod:`diffusion_fast.schedules`).
         sampler: one of :data:`diffusion_fast.SAMPLERS`.
         generator: a ``torch.Generator`` on x's device, the source of the ancestral / SDE noise, or a list of ``B``
@@ -167,7 +171,7 @@ def sample(
             or ``"flow"`` (velocity ``noise - x0``).
         parametrization: ``"ve"`` (``x = x0 + sigma*noise``, default) or ``"flow"``
             (``x = (1 - sigma)*x0 + sigma*noise``; default when ``prediction="flow"``).
-        net_dtype: dtype of the network input (default float32); the sampler state stays float32.
+        net_dtype: dtype of the network input (default float32; float64 for a float64 ``x``).
         backend: backend of the fused step (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         cuda_graph: capture the whole trajectory in a CUDA graph and replay it (CUDA tensors only).
         check_finite: check that ``x`` is finite before the loop and the sample after it: ValueError for a
@@ -176,11 +180,23 @@ def sample(
             after the loop — none inside it — so it is off by default: ``sample`` itself never synchronises
             with the device, and a caller that keeps the result on the GPU (a decoder, a CUDA graph, a
             benchmark) would lose that. :class:`diffusion_fast.Pipeline` always checks.
-        **options: sampler options: ``eta`` and ``s_noise`` (ancestral/SDE samplers, ddim), ``order``
-            (lms, unipc), ``solver_type`` (dpmpp_2m_sde), ``variant`` (unipc).
+        noise_sampler: where the stochastic samplers' noise comes from, k-diffusion's contract: a callable
+            ``noise_sampler(sigma, sigma_next) -> [B, ...]`` standard normal tensor (called with two Python
+            floats, the noise levels k-diffusion passes at that point of its loop; churn: ``(sigma,
+            sigma_hat)``), or ``"brownian"``: a :class:`~diffusion_fast.samplers.noise.BrownianTreeNoiseSampler`
+            over the schedule's range seeded from ``generator``'s state (no device read), so the injected noise
+            does not change with the step count. Default: ``"brownian"`` for ``dpmpp_sde`` (as in k-diffusion:
+            its two draws per step overlap), fresh ``randn`` draws from ``generator`` otherwise. With
+            ``cuda_graph=True`` it is called before each replay, for every draw in order.
+        **options: sampler options (``diffusion-fast samplers`` lists them): ``eta`` and ``s_noise``
+            (ancestral/SDE samplers, ddim, res_multistep, dpm_fast), ``s_churn``, ``s_tmin``, ``s_tmax``,
+            ``s_noise`` (Karras churn of euler, heun, dpm_2), ``order`` (lms, deis, ipndm, unipc, uni_pc),
+            ``mode`` (deis), ``r`` (dpmpp_sde), ``s_noise_end`` (lcm), ``solver_type`` (dpmpp_2m_sde),
+            ``variant`` (unipc), and dpm_adaptive's ``rtol``, ``atol``, ``h_init``, ``pcoeff``, ``icoeff``,
+            ``dcoeff``, ``accept_safety``.
 
     Returns:
-        ``[B, ...]`` float32 sample.
+        ``[B, ...]`` sample: float64 for a float64 ``x``, else float32.
 
     Raises:
         ValueError / TypeError: a bad argument, named, before the first step (the sampler name and its
@@ -195,9 +211,38 @@ def sample(
     if parametrization == "flow" and s[0] > 1.0:
         raise ValueError(f"flow sigmas must lie in [0, 1], got sigmas[0]={s[0]}")
     check_generator(generator, x.shape[0], x.device)
+    if noise_sampler is not None and not callable(noise_sampler) and noise_sampler != "brownian":
+        raise ValueError(f"noise_sampler must be a callable noise_sampler(sigma, sigma_next) -> tensor or "
+                         f"'brownian', got {noise_sampler!r}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    net_dtype = net_dtype or dtype
+    if sampler in ADAPTIVE:
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True cannot capture {sampler}: it decides each step size on the host "
+                             "from an error estimate (one device read per step)")
+        if sampler in VE_ONLY and parametrization != "ve":
+            raise ValueError(f"sampler {sampler!r} is defined for parametrization='ve' only, got {parametrization!r}")
+        if check_finite:
+            _check_finite_input(x)
+        from .adaptive import run_adaptive  # the one loop that reads a device value per step
+
+        out = run_adaptive(model, x, s, check_options(sampler, options), generator=generator, callback=callback,
+                           guidance_scale=guidance_scale, cond=cond, uncond=uncond, prediction=prediction,
+                           net_dtype=net_dtype, backend=backend, noise_sampler=noise_sampler, dtype=dtype)
+        if check_finite:
+            _check_finite_output(out)
+        return out
     tables = get_plan(sampler, s, prediction, parametrization, guidance_scale, options, x.device,
-                      need_denoised=callback is not None)
-    _check_float32_table(tables.plan.coef, guidance_scale)
+                      need_denoised=callback is not None, dtype=dtype)
+    if dtype == torch.float32:
+        _check_float32_table(tables.plan.coef, guidance_scale)
+    if noise_sampler is None and sampler in BROWNIAN_DEFAULT and tables.plan.draws:
+        noise_sampler = "brownian"
+    if noise_sampler == "brownian":
+        from .noise import brownian_for_plan
+
+        noise_sampler = brownian_for_plan(torch.empty(x.shape, dtype=dtype, device=x.device), tables.plan.draws,
+                                          generator)
     if cuda_graph:
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors; x is on {x.device}")
@@ -209,11 +254,11 @@ def sample(
         from .graph import run_graphed  # imported on use: graph capture is CUDA-only
 
         out = run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
-                          uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend)
+                          uncond=uncond, net_dtype=net_dtype, backend=backend, noise_sampler=noise_sampler)
     else:
         out = run(tables, model, x, generator=generator, callback=callback, progress=progress,
-                  guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype or torch.float32,
-                  backend=backend)
+                  guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype,
+                  backend=backend, noise_sampler=noise_sampler)
     if check_finite:
         _check_finite_output(out)
     return out

@@ -10,12 +10,12 @@ so the graphed and the eager trajectory are the same code. The per-call tensors 
 are copied into static buffers before each replay; the result is copied out of the graph's static output.
 
 Noise: the eager loop draws each noise tensor with ``torch.randn(state.shape, generator=generator,
-device=..., dtype=torch.float32)`` at the evaluations the plan marks. A graph must not draw from a user's
-generator while capturing, and replaying captured draws would not advance it, so the draws are made before
-each replay, eagerly, with exactly those calls in that order (:func:`draw_noise`), into a static
-``[n_noise, *x.shape]`` buffer, which the loop body reads instead of drawing
-(``loop.run(..., noise=...)``). The replayed result therefore equals the uncaptured run bit for bit on
-the same device, and the generator ends in the same state.
+device=..., dtype=state.dtype)`` — or calls the user's ``noise_sampler(sigma, sigma_next)`` — at the
+evaluations the plan marks (``plan.draws``). A graph must not draw from a user's generator while capturing,
+and replaying captured draws would not advance it, so the draws are made before each replay, eagerly, with
+exactly those calls in that order (:func:`.loop.make_draw`), into a static ``[n_noise, *x.shape]`` buffer,
+which the loop body reads instead of drawing (``loop.run(..., noise=...)``). The replayed result therefore
+equals the uncaptured run bit for bit on the same device, and the generator ends in the same state.
 
 Graphs are cached (LRU, :data:`MAX_CACHED_GRAPHS`) under a key made of the plan's tables (by value), the
 guidance scale, network dtype and fast-path backend, the model's identity, parameter addresses and per-module
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..ops._checks import same_device
-from .loop import draw_noise, run
+from .loop import draw_noise, make_draw, run
 
 MAX_CACHED_GRAPHS = 4
 
@@ -199,6 +199,8 @@ def graphed_call(
     generator: torch.Generator | None = None,
     warmup: int = 1,
     graph_cache: GraphCache | None = None,
+    draw: Callable[[int], torch.Tensor] | None = None,
+    noise_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Run ``trajectory`` as a captured CUDA graph (capturing it first when the key is new).
 
@@ -221,6 +223,8 @@ def graphed_call(
             the list of per-row generators it would draw from.
         warmup: eager runs on a side stream before capture (autotuning, library initialisation).
         graph_cache: where captured graphs are kept (default: the process-wide cache).
+        draw: ``draw(k) -> [*noise_shape]``, the k-th noise draw (default: :func:`draw_noise` from ``generator``).
+        noise_dtype: dtype of the static noise buffer.
 
     Returns:
         A fresh tensor holding the trajectory's output (a copy: later replays do not overwrite it).
@@ -232,21 +236,23 @@ def graphed_call(
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 (autotuning must finish before capture), got {warmup}")
     store = _CACHE if graph_cache is None else graph_cache
-    full_key = graph_key(key, model, inputs, n_noise, noise_shape)
+    full_key = graph_key(key, model, inputs, n_noise, noise_shape) + (noise_dtype,)
     entry = store.get(full_key, model)
     if entry is None:
-        entry = _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup)
+        entry = _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup, noise_dtype)
         store.put(full_key, entry)
+    if draw is None:
+        draw = lambda k: draw_noise(noise_shape, generator, device, noise_dtype)  # noqa: E731
     with torch.no_grad():
         for static, t in zip(entry.inputs, inputs):
             static.copy_(t)
         for i in range(n_noise):
-            entry.noise[i].copy_(draw_noise(noise_shape, generator, device))
+            entry.noise[i].copy_(draw(i))
         entry.graph.replay()
         return entry.output.clone()
 
 
-def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup) -> _Graph:
+def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup, noise_dtype=torch.float32) -> _Graph:
     # Static buffers are ordinary tensors even when the capture happens under inference_mode, so a later
     # call outside inference_mode may still copy into them.
     with torch.inference_mode(False), torch.no_grad():
@@ -254,7 +260,7 @@ def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup) ->
         noise = None
         if n_noise:
             # Warm-up and capture read the buffer's address, not its values; the real draws come per replay.
-            noise = torch.zeros((n_noise, *noise_shape), dtype=torch.float32, device=device)
+            noise = torch.zeros((n_noise, *noise_shape), dtype=noise_dtype, device=device)
     with torch.no_grad(), torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -274,7 +280,7 @@ def _capture(model, inputs, trajectory, n_noise, noise_shape, device, warmup) ->
 def _plan_key(tables) -> tuple:
     p = tables.plan
     return (p.sampler, p.K, p.coef.tobytes(), p.slots.tobytes(), p.sigma_eval.tobytes(), p.noise.tobytes(),
-            float(p.c_in0), str(tables.coef.device))
+            float(p.c_in0), float(p.pre_noise), str(tables.coef.device), tables.dtype)
 
 
 def run_graphed(
@@ -289,6 +295,7 @@ def run_graphed(
     net_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     graph_cache: GraphCache | None = None,
+    noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`.loop.run` captured as one CUDA graph and replayed; same arguments, same result bit for bit.
 
@@ -298,11 +305,11 @@ def run_graphed(
         x: ``[B, ...]`` starting sample on a CUDA device (already multiplied by ``sigmas[0]``).
         generator: the noise generator (a CUDA generator on x's device, a list of them, one per row of x, or
             None for the default one).
-        guidance_scale, cond, uncond, net_dtype, backend: as for :func:`.loop.run`.
+        guidance_scale, cond, uncond, net_dtype, backend, noise_sampler: as for :func:`.loop.run`.
         graph_cache: where graphs are kept (default: the process-wide cache).
 
     Returns:
-        ``[B, ...]`` float32 sample (a fresh tensor).
+        ``[B, ...]`` sample in the tables' dtype (a fresh tensor).
 
     Raises:
         ValueError: a tensor is not on CUDA, or the generator is on another device.
@@ -311,8 +318,10 @@ def run_graphed(
     given = {"x": x, "cond": cond, "uncond": uncond}
     inputs = [given[n] for n in names]
     plan = tables.plan
-    n_noise = int(plan.noise.sum())
+    n_noise = len(plan.draws)
     noise_shape = tuple(x.shape)
+    like = torch.empty(noise_shape, dtype=tables.dtype, device=x.device)
+    draw = make_draw(plan, generator, noise_sampler, like)
     key = ("sample", _plan_key(tables), names,
            None if guidance_scale is None else float(guidance_scale), net_dtype, backend)
 
@@ -324,4 +333,4 @@ def run_graphed(
     # ``tables`` travels inside ``trajectory`` (kept by the cache entry): the graph reads its coefficient
     # tensors by address, so they must outlive the graph even if the plan cache drops them.
     return graphed_call(key, model, inputs, trajectory, n_noise=n_noise, noise_shape=noise_shape,
-                        generator=generator, graph_cache=graph_cache)
+                        generator=generator, graph_cache=graph_cache, draw=draw, noise_dtype=tables.dtype)

@@ -24,6 +24,11 @@ def supports(x, model_output, coef, slots, hist, noise, out, net_input) -> str |
                                 noise=noise, out=out, net_input=net_input)
     if reason is not None:
         return reason
+    f64 = [name for name, t in (("x", x), ("model_output", model_output), ("noise", noise), ("net_input", net_input))
+           if t is not None and t.dtype == torch.float64]
+    if f64:
+        return (f"{', '.join(f64)} float64: the cuda sampler_step computes in float32 "
+                "(the reference backend 'torch' serves float64)")
     for name, t in (("x", x), ("model_output", model_output), ("hist", hist), ("noise", noise),
                     ("out", out), ("net_input", net_input)):
         if t is not None and not t.is_contiguous():

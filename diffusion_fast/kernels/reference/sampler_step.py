@@ -1,4 +1,5 @@
-"""Reference sampler step: the formula of :mod:`diffusion_fast.ops.sampler_step`, float32, on any device.
+"""Reference sampler step: the formula of :mod:`diffusion_fast.ops.sampler_step` in the state's dtype
+(float32, or float64 for a float64 reference run), on any device.
 
 Coefficients are indexed as 0-dim device tensors (views, no host round trip) and slot selection uses
 ``torch.where`` on device values, so this reference is also free of host-device synchronisation.
@@ -23,7 +24,7 @@ def forward(x, model_output, coef, slots, hist, noise, out, net_input):
     B = x.shape[0]
     K = 0 if hist is None else hist.shape[0]
     c = coef
-    mo = model_output.float()
+    mo = model_output.to(x.dtype)
     if mo.shape[0] == 2 * B:
         u, cond = mo[:B], mo[B:]
         raw = u + c[G] * (cond - u)
@@ -32,7 +33,7 @@ def forward(x, model_output, coef, slots, hist, noise, out, net_input):
     d = c[P] * x + c[Q] * raw
     x_new = c[AX] * x + c[AD] * d
     if noise is not None:
-        x_new = x_new + c[AZ] * noise.float()
+        x_new = x_new + c[AZ] * noise.to(x.dtype)
     if K:
         y = c[BX] * x + c[BD] * d
         for k in range(K):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -131,6 +132,11 @@ def supports(x, model_output, coef, slots, hist, noise, out, net_input) -> str |
     reason = reason or numel_reason(model_output=model_output, hist=hist, net_input=net_input)
     if reason:
         return reason
+    f64 = [name for name, t in (("x", x), ("model_output", model_output), ("noise", noise), ("net_input", net_input))
+           if t is not None and t.dtype == torch.float64]
+    if f64:
+        return (f"{', '.join(f64)} float64: the Triton sampler_step computes in float32 "
+                "(the reference backend 'torch' serves float64)")
     for name, t in (("x", x), ("model_output", model_output), ("coef", coef), ("slots", slots), ("hist", hist),
                     ("noise", noise), ("out", out), ("net_input", net_input)):
         if t is not None and not t.is_contiguous():
