@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -118,6 +118,8 @@ def sample(
     backend: str = "auto",
     cuda_graph: bool = False,
     check_finite: bool = False,
+    model_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+    noise_sampler: Optional[Callable[[tuple[int, ...]], torch.Tensor]] = None,
     **options,
 ) -> torch.Tensor:
     """Run ``sampler`` over the schedule ``sigmas`` starting from ``x`` and return the sample.
@@ -156,6 +158,16 @@ def sample(
             after the loop — none inside it — so it is off by default: ``sample`` itself never synchronises
             with the device, and a caller that keeps the result on the GPU (a decoder, a CUDA graph, a
             benchmark) would lose that. :class:`diffusion_fast.Pipeline` always checks.
+        model_kwargs: tensors handed to every model call as keyword arguments (``model(x_in, sigma[, cond],
+            **model_kwargs)``), e.g. pooled text embeddings or position ids, of any shape, on x's device. They
+            are passed as given (with guidance, tensors with a batch dimension must already be ``[2B, ...]``,
+            unconditional half first). With ``cuda_graph=True`` they are inputs of the graph like ``x``, ``cond``
+            and ``uncond``: copied into its static buffers before each replay.
+        noise_sampler: draws the sampler's noise instead of ``generator``: called as ``noise_sampler(shape)``
+            with the state's shape (``x.shape``), once per noisy evaluation in order, it returns a standard normal
+            tensor of that shape on x's device (any float dtype; the step reads it as float32) — e.g. one
+            generator per batch item, or a CPU generator whose draws are copied to the GPU. With
+            ``cuda_graph=True`` it is called before each replay, outside the graph. Not with ``generator``.
         **options: sampler options: ``eta`` and ``s_noise`` (ancestral/SDE samplers, ddim), ``order``
             (lms, unipc), ``solver_type`` (dpmpp_2m_sde), ``variant`` (unipc).
 
@@ -169,6 +181,13 @@ def sample(
     """
     parametrization = _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond,
                                   net_dtype)
+    model_kwargs = _check_model_kwargs(model_kwargs, x)
+    if noise_sampler is not None:
+        if not callable(noise_sampler):
+            raise TypeError("noise_sampler must be callable as noise_sampler(shape), got "
+                            f"{type(noise_sampler).__name__}")
+        if generator is not None:
+            raise ValueError("pass generator or noise_sampler, not both: noise_sampler draws the noise itself")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
@@ -193,14 +212,30 @@ def sample(
         from .graph import run_graphed  # imported on use: graph capture is CUDA-only
 
         out = run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
-                          uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend)
+                          uncond=uncond, net_dtype=net_dtype or torch.float32, backend=backend,
+                          model_kwargs=model_kwargs, noise_sampler=noise_sampler)
     else:
         out = run(tables, model, x, generator=generator, callback=callback, progress=progress,
                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype or torch.float32,
-                  backend=backend)
+                  backend=backend, model_kwargs=model_kwargs, noise_sampler=noise_sampler)
     if check_finite:
         _check_finite_output(out)
     return out
+
+
+def _check_model_kwargs(model_kwargs, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a mapping of names to tensors, got {type(model_kwargs).__name__}")
+    for k, v in model_kwargs.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise TypeError(f"model_kwargs keys must be keyword names, got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"model_kwargs[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if v.device != x.device:
+            raise ValueError(f"model_kwargs[{k!r}] is on {v.device} but x is on {x.device}")
+    return dict(model_kwargs)
 
 
 def _check_float32_table(coef: np.ndarray, guidance_scale: Optional[float]) -> None:

@@ -198,6 +198,7 @@ def graphed_call(
     generator: torch.Generator | None = None,
     warmup: int = 1,
     graph_cache: GraphCache | None = None,
+    noise_sampler: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run ``trajectory`` as a captured CUDA graph (capturing it first when the key is new).
 
@@ -219,6 +220,7 @@ def graphed_call(
         generator: the generator the eager loop would draw from (None: the device's default generator).
         warmup: eager runs on a side stream before capture (autotuning, library initialisation).
         graph_cache: where captured graphs are kept (default: the process-wide cache).
+        noise_sampler: draws the noise instead of ``generator`` (see :func:`diffusion_fast.sample`).
 
     Returns:
         A fresh tensor holding the trajectory's output (a copy: later replays do not overwrite it).
@@ -239,7 +241,7 @@ def graphed_call(
         for static, t in zip(entry.inputs, inputs):
             static.copy_(t)
         for i in range(n_noise):
-            entry.noise[i].copy_(draw_noise(noise_shape, generator, device))
+            entry.noise[i].copy_(draw_noise(noise_shape, generator, device, noise_sampler))
         entry.graph.replay()
         return entry.output.clone()
 
@@ -287,6 +289,8 @@ def run_graphed(
     net_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     graph_cache: GraphCache | None = None,
+    model_kwargs: dict[str, torch.Tensor] | None = None,
+    noise_sampler: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`.loop.run` captured as one CUDA graph and replayed; same arguments, same result bit for bit.
 
@@ -297,6 +301,9 @@ def run_graphed(
         generator: the noise generator (a CUDA generator on x's device, or None for the default one).
         guidance_scale, cond, uncond, net_dtype, backend: as for :func:`.loop.run`.
         graph_cache: where graphs are kept (default: the process-wide cache).
+        model_kwargs: tensors every model call receives as keyword arguments; inputs of the graph (static
+            buffers), like ``x``, ``cond`` and ``uncond``.
+        noise_sampler: draws the noise instead of ``generator`` (see :func:`diffusion_fast.sample`).
 
     Returns:
         ``[B, ...]`` float32 sample (a fresh tensor).
@@ -304,9 +311,11 @@ def run_graphed(
     Raises:
         ValueError: a tensor is not on CUDA, or the generator is on another device.
     """
+    extra = dict(model_kwargs or {})
     names = ("x",) + tuple(n for n, t in (("cond", cond), ("uncond", uncond)) if t is not None)
     given = {"x": x, "cond": cond, "uncond": uncond}
-    inputs = [given[n] for n in names]
+    inputs = [given[n] for n in names] + list(extra.values())
+    names += tuple(f"model_kwargs.{k}" for k in extra)
     plan = tables.plan
     n_noise = int(plan.noise.sum())
     noise_shape = tuple(x.shape)
@@ -315,10 +324,12 @@ def run_graphed(
 
     def trajectory(static: tuple[torch.Tensor, ...], noise: torch.Tensor | None) -> torch.Tensor:
         t = dict(zip(names, static))
+        kw = {k: t[f"model_kwargs.{k}"] for k in extra}
         return run(tables, model, t["x"], generator=generator, guidance_scale=guidance_scale,
-                   cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend, noise=noise)
+                   cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend, noise=noise,
+                   model_kwargs=kw)
 
     # ``tables`` travels inside ``trajectory`` (kept by the cache entry): the graph reads its coefficient
     # tensors by address, so they must outlive the graph even if the plan cache drops them.
     return graphed_call(key, model, inputs, trajectory, n_noise=n_noise, noise_shape=noise_shape,
-                        generator=generator, graph_cache=graph_cache)
+                        generator=generator, graph_cache=graph_cache, noise_sampler=noise_sampler)

@@ -70,17 +70,22 @@ def check_model_output(out, net_in: torch.Tensor) -> None:
         raise ValueError(f"model returned a tensor on {out.device} for an input on {net_in.device}")
 
 
-def draw_noise(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal from ``generator``."""
+def draw_noise(shape, generator: Optional[torch.Generator], device: torch.device, noise_sampler=None) -> torch.Tensor:
+    """The one way sampler noise is drawn: ``[*shape]`` float32 standard normal from ``generator``, or whatever
+    the caller's ``noise_sampler(shape)`` returns (see :func:`diffusion_fast.sample`)."""
+    if noise_sampler is not None:
+        return noise_sampler(tuple(shape))
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
 def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progress=False, guidance_scale=None,
-        cond=None, uncond=None, net_dtype=torch.float32, backend="auto", noise=None) -> torch.Tensor:
+        cond=None, uncond=None, net_dtype=torch.float32, backend="auto", noise=None, model_kwargs=None,
+        noise_sampler=None) -> torch.Tensor:
     """The loop itself (arguments already checked). No host-device synchronisation happens in here.
 
     ``noise``, when given, is ``[n_noise, *x.shape]`` holding the draws the loop would make from
-    ``generator`` (in order, one per noisy row); the CUDA-graph path pre-draws them outside the graph.
+    ``generator`` (or ``noise_sampler``; in order, one per noisy row); the CUDA-graph path pre-draws them
+    outside the graph. ``model_kwargs`` go to every model call as keyword arguments.
     """
     plan = tables.plan
     B = x.shape[0]
@@ -99,19 +104,20 @@ def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progre
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, total=plan.evaluations, desc=plan.sampler, leave=False)
+    kw = model_kwargs or {}
     drawn = 0
     if noise is not None and noise.shape[0] != int(plan.noise.sum()):
         raise ValueError(f"noise holds {noise.shape[0]} draws; the plan makes {int(plan.noise.sum())}")
     for e in rows:
         sigma = tables.sigma[e].expand(nb)
         net_in = bufs[e % 2]
-        out = model(net_in, sigma) if ctx is None else model(net_in, sigma, ctx)
+        out = model(net_in, sigma, **kw) if ctx is None else model(net_in, sigma, ctx, **kw)
         if e == 0:
             check_model_output(out, net_in)
         z = None
         if plan.noise[e]:
             if noise is None:
-                z = draw_noise(state.shape, generator, state.device)
+                z = draw_noise(state.shape, generator, state.device, noise_sampler)
             else:
                 z = noise[drawn]
             drawn += 1
