@@ -494,10 +494,13 @@ class _FusedCall:
                                  "it evaluates the network twice per step, and diffusers' loop calls back after "
                                  "each evaluation, with intermediate latents the fused loop never forms; use a "
                                  "one-evaluation sampler, or optimize(pipe) without fused_loop")
-        names = [n for n in (a.get("callback_on_step_end_tensor_inputs") or []) if n != "latents"] if cb else []
+        # names the pipeline does not list at all are left to its own check_inputs (and its error)
+        listed = getattr(self.pipe, "_callback_tensor_inputs", [])
+        names = [n for n in (a.get("callback_on_step_end_tensor_inputs") or []) if n != "latents" and n in listed] \
+            if cb else []
         for n in names:
             if n not in self.family.callback_tensors:
-                have = ", ".join(["latents", *self.family.callback_tensors])
+                have = ", ".join(["latents", *(k for k in self.family.callback_tensors if k in listed)])
                 raise ValueError(f"callback_on_step_end_tensor_inputs names {n!r}, which the fused loop cannot hand "
                                  f"a callback (it can: {have}); use optimize(pipe) without fused_loop")
         self.callback_names = names
@@ -740,7 +743,7 @@ class _FusedCall:
                     raise TypeError(f"callback_on_step_end must return a dict (diffusers pops 'latents' from it), got "
                                     f"{type(out).__name__}")
                 for k, v in out.items():
-                    if k in given and v is given[k] and v._version == versions[k]:
+                    if k in given and v is given[k]:
                         continue
                     if k in given or k in ("latents", *self.family.callback_tensors, "negative_prompt_embeds",
                                            "negative_pooled_prompt_embeds"):
@@ -778,5 +781,8 @@ def _is_default(value: Any, default: Any) -> bool:
 def _short(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        inner = ", ".join(_short(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
