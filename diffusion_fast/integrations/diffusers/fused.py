@@ -42,7 +42,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...samplers import build_plan, sample
-from .scheduler import METHODS, Scheduler
+from .scheduler import METHODS, Scheduler, SchedulerStepOutput
 
 ATTR = "_diffusion_fast_loop"  # attribute of a pipeline with a fused loop, holding its FusedLoop
 DIFFUSERS_VERSION = "0.42.1"  # the version whose __call__ and loops this module follows
@@ -338,13 +338,7 @@ class _LoopScheduler(Scheduler):
             return super().step(model_output, timestep, sample, eta=eta, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict, **kwargs)
         latents = call.step(model_output, timestep, sample, eta, generator, variance_noise, kwargs)
-        return (latents,) if not return_dict else type(self)._output(latents)
-
-    @staticmethod
-    def _output(latents):
-        from .scheduler import SchedulerStepOutput
-
-        return SchedulerStepOutput(prev_sample=latents)
+        return SchedulerStepOutput(prev_sample=latents) if return_dict else (latents,)
 
 
 # --------------------------------------------------------------------------------------------------------
