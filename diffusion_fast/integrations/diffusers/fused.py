@@ -718,6 +718,7 @@ class _FusedCall:
         pipe, sched = self.pipe, self.sched
         vp = sched.schedule.latent_space == "vp"
         begin = sched.begin_index or 0
+        interruptible = hasattr(type(pipe), "interrupt")  # PixArt's loop has no interrupt check
         handed = {}
         for name in self.callback_names:
             path = self.family.callback_tensors[name]
@@ -751,7 +752,7 @@ class _FusedCall:
                                          "modify them; use optimize(pipe) without fused_loop")
             if self.legacy is not None and i % self.legacy_steps == 0:
                 self.legacy(i, t, lat)
-            if getattr(pipe, "_interrupt", False):
+            if interruptible and getattr(pipe, "_interrupt", False):  # as the stock loop's `if self.interrupt`
                 self.interrupted = True
                 raise _Interrupted(lat)
 
