@@ -729,12 +729,24 @@ def test_generators_on_either_device_draw_the_scheduler_noise_on_cuda(generator)
 # The table of measured differences: python tests/test_diffusers_fused.py
 # ------------------------------------------------------------------------------------------------------------
 
+def _optimized_stock(name: str, sampler: str | None, scheduler_kw: dict | None = None, **extra):
+    """optimize(pipe) (the kernels only) with the stock scheduler, or None where there is no stock scheduler."""
+    stock_sched = stock_scheduler(name, sampler, **(scheduler_kw or {}))
+    if stock_sched is None:
+        return None
+    with pipeline(name, stock_sched) as pipe:
+        optimize(pipe)
+        return call(pipe, name, **extra)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     diffusers.utils.logging.set_verbosity_error()
-    print(f"{'pipeline':14s} {'sampler':16s} {'fused vs stepped':>17s} {'fused vs stock':>15s}")
+    print(f"{'pipeline':14s} {'sampler':16s} {'vs stepped':>11s} {'vs optimize':>12s} {'vs stock':>9s}   (fused loop, "
+          "max |diff| / max |reference|, float32 latents)")
     for name, sampler, kw, extra in CASES:
         stock, stepped, fused = three_ways(name, sampler, kw, **extra)
+        optimized = _optimized_stock(name, sampler, kw, **extra)
         label = (sampler or "(its own)") + ("-karras" if kw else "")
-        vs_stock = "no stock" if stock is None else f"{rel_err(fused, stock):.2e}"
-        print(f"{name:14s} {label:16s} {rel_err(fused, stepped):17.2e} {vs_stock:>15s}")
+        cols = [f"{rel_err(fused, ref):.2e}" if ref is not None else "-" for ref in (stepped, optimized, stock)]
+        print(f"{name:14s} {label:16s} {cols[0]:>11s} {cols[1]:>12s} {cols[2]:>9s}")
