@@ -289,9 +289,11 @@ def test_unsupported_pipeline_types_are_refused_with_the_list():
 
 
 @pytest.mark.parametrize("kw, exc, message", [
-    (dict(sampler="dpmpp_2m"), NotImplementedError, "optimize(sampler='dpmpp_2m') is not supported yet"),
-    (dict(fused_loop=True), NotImplementedError, "optimize(fused_loop=True) is not supported yet"),
-    (dict(cuda_graph=True), NotImplementedError, "optimize(cuda_graph=True) is not supported yet"),
+    (dict(sampler="dpmpp_9"), ValueError, "sampler must be one of ddim, dpm_2, dpmpp_2m, "),
+    (dict(fused_loop=True), ValueError, "fused_loop=True runs pipe.scheduler (PNDMScheduler) as diffusion_fast's "
+                                        "Scheduler, which refuses it: PNDMScheduler has no matching sampler here"),
+    (dict(cuda_graph=True), ValueError, "cuda_graph=True needs fused_loop=True"),
+    (dict(sampler_options={"eta": 0.5}), ValueError, "sampler_options needs sampler="),
     (dict(fused_loop=1), TypeError, "fused_loop must be a bool, got int"),
     (dict(sampler=3), TypeError, "sampler must be None or a sampler name, got int"),
     (dict(backend="fast"), ValueError, "backend must be 'auto' or one of torch, triton, cuda; got 'fast'"),

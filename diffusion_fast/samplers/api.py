@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -137,6 +137,7 @@ def sample(
     backend: str = "auto",
     cuda_graph: bool = False,
     check_finite: bool = False,
+    model_kwargs: Optional[Mapping[str, torch.Tensor]] = None,
     noise_sampler: Union[Callable[[float, float], torch.Tensor], str, None] = None,
     **options,
 ) -> torch.Tensor:
@@ -180,6 +181,11 @@ def sample(
             after the loop — none inside it — so it is off by default: ``sample`` itself never synchronises
             with the device, and a caller that keeps the result on the GPU (a decoder, a CUDA graph, a
             benchmark) would lose that. :class:`diffusion_fast.Pipeline` always checks.
+        model_kwargs: tensors handed to every model call as keyword arguments (``model(x_in, sigma[, cond],
+            **model_kwargs)``), e.g. pooled text embeddings or position ids, of any shape, on x's device. They
+            are passed as given (with guidance, tensors with a batch dimension must already be ``[2B, ...]``,
+            unconditional half first). With ``cuda_graph=True`` they are inputs of the graph like ``x``, ``cond``
+            and ``uncond``: copied into its static buffers before each replay.
         noise_sampler: where the stochastic samplers' noise comes from, k-diffusion's contract: a callable
             ``noise_sampler(sigma, sigma_next) -> [B, ...]`` standard normal tensor (called with two Python
             floats, the noise levels k-diffusion passes at that point of its loop; churn: ``(sigma,
@@ -187,7 +193,8 @@ def sample(
             over the schedule's range seeded from ``generator``'s state (no device read), so the injected noise
             does not change with the step count. Default: ``"brownian"`` for ``dpmpp_sde`` (as in k-diffusion:
             its two draws per step overlap), fresh ``randn`` draws from ``generator`` otherwise. With
-            ``cuda_graph=True`` it is called before each replay, for every draw in order.
+            ``cuda_graph=True`` it is called before each replay, for every draw in order. A callable is not
+            combined with ``generator`` (it draws the noise itself).
         **options: sampler options (``diffusion-fast samplers`` lists them): ``eta`` and ``s_noise``
             (ancestral/SDE samplers, ddim, res_multistep, dpm_fast), ``s_churn``, ``s_tmin``, ``s_tmax``,
             ``s_noise`` (Karras churn of euler, heun, dpm_2), ``order`` (lms, deis, ipndm, unipc, uni_pc),
@@ -205,6 +212,7 @@ def sample(
     """
     parametrization = _check_args(model, x, sampler, prediction, parametrization, guidance_scale, cond, uncond,
                                   net_dtype)
+    model_kwargs = _check_model_kwargs(model_kwargs, x)
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     s = _sigmas_to_host(sigmas)  # sampler options are checked by build_plan
@@ -214,6 +222,8 @@ def sample(
     if noise_sampler is not None and not callable(noise_sampler) and noise_sampler != "brownian":
         raise ValueError(f"noise_sampler must be a callable noise_sampler(sigma, sigma_next) -> tensor or "
                          f"'brownian', got {noise_sampler!r}")
+    if callable(noise_sampler) and generator is not None:
+        raise ValueError("pass generator or a noise_sampler callable, not both: the callable draws the noise itself")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     net_dtype = net_dtype or dtype
     if sampler in ADAPTIVE:
@@ -254,14 +264,30 @@ def sample(
         from .graph import run_graphed  # imported on use: graph capture is CUDA-only
 
         out = run_graphed(tables, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
-                          uncond=uncond, net_dtype=net_dtype, backend=backend, noise_sampler=noise_sampler)
+                          uncond=uncond, net_dtype=net_dtype, backend=backend, model_kwargs=model_kwargs,
+                          noise_sampler=noise_sampler)
     else:
         out = run(tables, model, x, generator=generator, callback=callback, progress=progress,
                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, net_dtype=net_dtype,
-                  backend=backend, noise_sampler=noise_sampler)
+                  backend=backend, model_kwargs=model_kwargs, noise_sampler=noise_sampler)
     if check_finite:
         _check_finite_output(out)
     return out
+
+
+def _check_model_kwargs(model_kwargs, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a mapping of names to tensors, got {type(model_kwargs).__name__}")
+    for k, v in model_kwargs.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise TypeError(f"model_kwargs keys must be keyword names, got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"model_kwargs[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if v.device != x.device:
+            raise ValueError(f"model_kwargs[{k!r}] is on {v.device} but x is on {x.device}")
+    return dict(model_kwargs)
 
 
 def _check_float32_table(coef: np.ndarray, guidance_scale: Optional[float]) -> None:

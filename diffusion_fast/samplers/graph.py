@@ -295,6 +295,7 @@ def run_graphed(
     net_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     graph_cache: GraphCache | None = None,
+    model_kwargs: dict[str, torch.Tensor] | None = None,
     noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`.loop.run` captured as one CUDA graph and replayed; same arguments, same result bit for bit.
@@ -307,6 +308,9 @@ def run_graphed(
             None for the default one).
         guidance_scale, cond, uncond, net_dtype, backend, noise_sampler: as for :func:`.loop.run`.
         graph_cache: where graphs are kept (default: the process-wide cache).
+        model_kwargs: tensors every model call receives as keyword arguments; inputs of the graph (static
+            buffers), like ``x``, ``cond`` and ``uncond``.
+        noise_sampler: draws the noise instead of ``generator`` (see :func:`diffusion_fast.sample`).
 
     Returns:
         ``[B, ...]`` sample in the tables' dtype (a fresh tensor).
@@ -314,9 +318,11 @@ def run_graphed(
     Raises:
         ValueError: a tensor is not on CUDA, or the generator is on another device.
     """
+    extra = dict(model_kwargs or {})
     names = ("x",) + tuple(n for n, t in (("cond", cond), ("uncond", uncond)) if t is not None)
     given = {"x": x, "cond": cond, "uncond": uncond}
-    inputs = [given[n] for n in names]
+    inputs = [given[n] for n in names] + list(extra.values())
+    names += tuple(f"model_kwargs.{k}" for k in extra)
     plan = tables.plan
     n_noise = len(plan.draws)
     noise_shape = tuple(x.shape)
@@ -327,8 +333,10 @@ def run_graphed(
 
     def trajectory(static: tuple[torch.Tensor, ...], noise: torch.Tensor | None) -> torch.Tensor:
         t = dict(zip(names, static))
+        kw = {k: t[f"model_kwargs.{k}"] for k in extra}
         return run(tables, model, t["x"], generator=generator, guidance_scale=guidance_scale,
-                   cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend, noise=noise)
+                   cond=t.get("cond"), uncond=t.get("uncond"), net_dtype=net_dtype, backend=backend, noise=noise,
+                   model_kwargs=kw)
 
     # ``tables`` travels inside ``trajectory`` (kept by the cache entry): the graph reads its coefficient
     # tensors by address, so they must outlive the graph even if the plan cache drops them.

@@ -108,13 +108,14 @@ def make_draw(plan: Plan, generator, noise_sampler, like: torch.Tensor):
 
 
 def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progress=False, guidance_scale=None,
-        cond=None, uncond=None, net_dtype=torch.float32, backend="auto", noise=None,
+        cond=None, uncond=None, net_dtype=torch.float32, backend="auto", noise=None, model_kwargs=None,
         noise_sampler=None) -> torch.Tensor:
     """The loop itself (arguments already checked). No host-device synchronisation happens in here.
 
     ``noise``, when given, is ``[n_noise, *x.shape]`` holding the draws the loop would make (``plan.draws``, in
     order: from ``noise_sampler(sigma, sigma_next)`` when given, else from ``generator``); the CUDA-graph
-    path pre-draws them outside the graph. The state is float64 when ``x`` is (the tables' dtype), else float32.
+    path pre-draws them outside the graph. The state is float64 when ``x`` is (the tables' dtype), else
+    float32. ``model_kwargs`` go to every model call as keyword arguments.
     """
     plan = tables.plan
     B = x.shape[0]
@@ -141,10 +142,11 @@ def run(tables: DeviceTables, model, x, *, generator=None, callback=None, progre
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, total=plan.evaluations, desc=plan.sampler, leave=False)
+    kw = model_kwargs or {}
     for e in rows:
         sigma = tables.sigma[e].expand(nb)
         net_in = bufs[e % 2]
-        out = model(net_in, sigma) if ctx is None else model(net_in, sigma, ctx)
+        out = model(net_in, sigma, **kw) if ctx is None else model(net_in, sigma, ctx, **kw)
         if e == 0:
             check_model_output(out, net_in)
         z = None

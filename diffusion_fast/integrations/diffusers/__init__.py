@@ -3,7 +3,8 @@
 * :class:`Scheduler` (``scheduler.py``) — a diffusers ``SchedulerMixin`` + ``ConfigMixin`` backed by
   diffusion_fast's samplers: ``pipe.scheduler = Scheduler.from_config(pipe.scheduler, sampler="dpmpp_2m")``.
 * :func:`optimize` / :func:`unoptimize` (``patch.py``) — patch a pipeline in place so its attention and
-  GroupNorm+SiLU run through :mod:`diffusion_fast.ops`, and restore it exactly; :func:`report` /
+  GroupNorm+SiLU run through :mod:`diffusion_fast.ops` (with ``fused_loop=True`` also its denoising loop through
+  :func:`diffusion_fast.sample`, ``fused.py``), and restore it exactly; :func:`report` /
   :func:`format_report` list each attention module and ResNet block with what runs it (or why stock code does).
 
 Importing :mod:`diffusion_fast` never imports diffusers; this package does, on first use of a name.

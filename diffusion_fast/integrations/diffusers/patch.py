@@ -9,7 +9,11 @@ What changes, inside its denoiser (``pipe.unet`` or ``pipe.transformer``):
 * every ``ResnetBlock2D`` with plain GroupNorms, SiLU and the default time-embedding add becomes a
   :class:`processors.FusedResnetBlock2D` (a class swap: same parameters, no copies).
 
-:func:`unoptimize` puts back the very processor objects and classes that were there. :func:`report` lists
+Options: ``sampler=`` swaps in :class:`~.scheduler.Scheduler` ``.from_config(pipe.scheduler, sampler=...)``;
+``fused_loop=True`` (and ``cuda_graph=True``) replaces the denoising loop of this pipeline object by
+:func:`diffusion_fast.sample` (:mod:`.fused`: a class swap of the instance, nothing else changes).
+
+:func:`unoptimize` puts back the very processor objects, classes and scheduler that were there. :func:`report` lists
 each attention module and ResNet block with what runs it.
 """
 
@@ -25,7 +29,9 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from ...ops import status as op_status
 from ...ops.registry import BACKENDS
+from . import fused as F
 from . import processors as P
+from .scheduler import Scheduler
 
 # Pipeline class name -> the attribute holding its denoiser.
 SUPPORTED_PIPELINES = {
@@ -84,6 +90,8 @@ class _State:
     attention: list[tuple[str, torch.nn.Module, Any, Any]] = field(default_factory=list)  # name, module, old, new
     resnets: list[tuple[str, torch.nn.Module, type]] = field(default_factory=list)  # name, module, old class
     kept: list[ModuleReport] = field(default_factory=list)
+    scheduler: Optional[tuple[Any, Any]] = None  # (the pipeline's scheduler, the one optimize put there)
+    pipeline_class: Optional[type] = None  # the class the pipeline had before the fused loop's class swap
 
 
 def _pipeline_kind(pipe) -> str:
@@ -94,7 +102,8 @@ def _pipeline_kind(pipe) -> str:
                     f"{', '.join(SUPPORTED_PIPELINES)}")
 
 
-def _check_options(backend: object, sampler: object, fused_loop: object, cuda_graph: object) -> None:
+def _check_options(backend: object, sampler: object, sampler_options: object, fused_loop: object,
+                   cuda_graph: object) -> None:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
@@ -109,15 +118,14 @@ def _check_options(backend: object, sampler: object, fused_loop: object, cuda_gr
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if sampler is not None and not isinstance(sampler, str):
         raise TypeError(f"sampler must be None or a sampler name, got {type(sampler).__name__}")
-    # Each of these is one step of its own on top of the patches below.
-    if sampler is not None:
-        raise NotImplementedError(f"optimize(sampler={sampler!r}) is not supported yet; leave sampler=None "
-                                  "(the pipeline keeps its own scheduler)")
-    if fused_loop:
-        raise NotImplementedError("optimize(fused_loop=True) is not supported yet; leave fused_loop=False "
-                                  "(the pipeline keeps its own denoising loop)")
-    if cuda_graph:
-        raise NotImplementedError("optimize(cuda_graph=True) is not supported yet; leave cuda_graph=False")
+    if sampler_options is not None:
+        if not isinstance(sampler_options, dict):
+            raise TypeError(f"sampler_options must be a dict of the sampler's options, got "
+                            f"{type(sampler_options).__name__}")
+        if sampler is None:
+            raise ValueError("sampler_options needs sampler=, the sampler they configure")
+    if cuda_graph and not fused_loop:
+        raise ValueError("cuda_graph=True needs fused_loop=True: the graph captures the fused loop's whole trajectory")
 
 
 def _is_attention(m: torch.nn.Module) -> bool:
@@ -160,7 +168,7 @@ def _patch(model: torch.nn.Module, model_attr: str, state: _State, backend: str)
 
 
 def optimize(pipe, *, sampler: Optional[str] = None, backend: str = "auto", fused_loop: bool = False,
-             cuda_graph: bool = False):
+             cuda_graph: bool = False, sampler_options: Optional[dict] = None):
     """Patch ``pipe`` in place so its denoiser's attention and GroupNorm+SiLU run diffusion_fast's ops.
 
     ``pipe(...)`` keeps its whole signature and gives the stock pipeline's output (float32: to rounding).
@@ -168,24 +176,35 @@ def optimize(pipe, *, sampler: Optional[str] = None, backend: str = "auto", fuse
     Args:
         pipe: a diffusers pipeline of a type in :data:`SUPPORTED_PIPELINES` (SD1.x/2.x, SDXL, their img2img,
             Flux and Flux img2img, SD3 and SD3 img2img, PixArt-Sigma), or a subclass of one.
-        sampler: must be None (the pipeline keeps its scheduler); other values are not supported yet.
+        sampler: None keeps the pipeline's scheduler; a sampler name (``"dpmpp_2m"``, ``"euler"``, ... see
+            :data:`.scheduler.METHODS`) sets ``pipe.scheduler = Scheduler.from_config(pipe.scheduler,
+            sampler=sampler, **sampler_options)`` (the same noise schedule, that sampler's method).
         backend: the ops' backend: ``"auto"`` (the fastest that serves each call), ``"torch"``, ``"triton"``
             or ``"cuda"``. A backend that cannot run here is refused now, with its reason.
-        fused_loop, cuda_graph: must be False; True is not supported yet.
+        fused_loop: replace the pipeline's denoising loop by :func:`diffusion_fast.sample` (CFG, conversion and
+            update in one fused step per network evaluation, no host synchronisation); everything else stays the
+            pipeline's own. See :mod:`.fused` for how, and for the call options it refuses.
+        cuda_graph: with ``fused_loop``, capture the whole trajectory (network calls and steps) in one CUDA graph
+            on the first call and replay it on the next calls with the same shapes and options.
+        sampler_options: the sampler's options (``eta``, ``s_noise``, ``order``, ...), with ``sampler``.
 
     Returns:
         ``pipe`` itself. Calling ``optimize`` again with the same options does nothing; with other options it
         raises (call :func:`unoptimize` first).
 
     Raises:
-        TypeError: ``pipe`` is not a supported pipeline (the message lists them), or an option has the wrong type.
-        ValueError: a bad or unavailable ``backend``; a second call with other options; a denoiser already
-            optimized through another pipeline object that shares it.
-        NotImplementedError: ``sampler``, ``fused_loop`` or ``cuda_graph`` not at their defaults.
+        TypeError: ``pipe`` is not a supported pipeline (the message lists them), or an option has the wrong type;
+            ``fused_loop`` on a subclass that overrides ``__call__``.
+        ValueError: a bad or unavailable ``backend``; a sampler or sampler option the Scheduler refuses;
+            ``cuda_graph`` without ``fused_loop``; ``fused_loop`` with a scheduler that has no matching sampler
+            (e.g. SD1.5's PNDMScheduler: pass ``sampler=``) or with a diffusers whose ``__call__`` differs from
+            the one the fused loop follows; a second call with other options; a denoiser already optimized
+            through another pipeline object that shares it.
     """
     kind = _pipeline_kind(pipe)
-    _check_options(backend, sampler, fused_loop, cuda_graph)
-    options = dict(sampler=sampler, backend=backend, fused_loop=fused_loop, cuda_graph=cuda_graph)
+    _check_options(backend, sampler, sampler_options, fused_loop, cuda_graph)
+    options = dict(sampler=sampler, sampler_options=sampler_options, backend=backend, fused_loop=fused_loop,
+                   cuda_graph=cuda_graph)
     state = getattr(pipe, _STATE, None)
     if state is not None:
         if state.options == options:
@@ -197,21 +216,38 @@ def optimize(pipe, *, sampler: Optional[str] = None, backend: str = "auto", fuse
     model = getattr(pipe, model_attr, None)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"pipe.{model_attr} must be a diffusers model to optimize {kind}, got {type(model).__name__}")
+    # Everything that can be refused is refused before anything is patched.
+    scheduler = None
+    if sampler is not None:
+        scheduler = Scheduler.from_config(pipe.scheduler, sampler=sampler, **(sampler_options or {}))
+    if fused_loop:
+        F.check_pipeline(pipe)
+        F.loop_scheduler(scheduler if scheduler is not None else pipe.scheduler)
     state = _State(options=options, model_attr=model_attr)
     _patch(model, model_attr, state, backend)
+    if scheduler is not None:
+        state.scheduler = (pipe.scheduler, scheduler)
+        pipe.scheduler = scheduler
+    if fused_loop:
+        state.pipeline_class = F.install(pipe, cuda_graph=cuda_graph, backend=backend)
     setattr(pipe, _STATE, state)
     return pipe
 
 
 def unoptimize(pipe):
-    """Undo :func:`optimize`: the original processor objects and block classes go back where they were.
+    """Undo :func:`optimize`: the original processor objects, block classes, scheduler object and pipeline class
+    go back where they were.
 
-    A module whose processor was changed by other code after ``optimize`` keeps that newer processor.
-    Returns ``pipe``. Raises ValueError when ``pipe`` is not optimized.
+    A module whose processor was changed by other code after ``optimize`` keeps that newer processor; a
+    scheduler replaced after ``optimize`` stays. Returns ``pipe``. Raises ValueError when ``pipe`` is not optimized.
     """
     state = getattr(pipe, _STATE, None)
     if state is None:
         raise ValueError(f"{type(pipe).__name__} is not optimized by diffusion_fast; nothing to undo")
+    if state.pipeline_class is not None:
+        F.uninstall(pipe, state.pipeline_class)
+    if state.scheduler is not None and pipe.scheduler is state.scheduler[1]:
+        pipe.scheduler = state.scheduler[0]
     for _, m, old, new in state.attention:
         if m.processor is new:
             m.set_processor(old)

@@ -917,7 +917,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
     def latents_to_state(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's starting latents as the state ``sample()`` integrates (at the begin index's sigma)."""
         schedule = self._require_schedule("latents_to_state")
-        k = self._k(float(schedule.sigmas[self._begin_step()]))
+        k = self._k(float(schedule.sigmas.numpy()[self._begin_step()]))  # a host value, read without dispatch
         return latents * k if k != 1.0 else latents
 
     def state_to_latents(self, x: torch.Tensor) -> torch.Tensor:
