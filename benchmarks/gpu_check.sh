@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # All GPU work of the project in one call, inside a fixed wall-clock budget (default 540 s on an H100/H200):
 #
-#   phase       what                                                             cap s  typical s (H200, estimate)
-#   versions    card, driver, clocks, CPU, Python/torch/triton/nvcc, the commit       -       5
-#   wheels      diffusers (+ importlib_metadata) from .whl/ into a private site      60       5
-#   build       the CUDA extension for sm_90a only                                  150      60
-#   verify      `diffusion-fast verify`: every kernel x dtype x layout vs float64     75      45
-#   e2e_sd15    diffusers SD1.5 512^2, CFG, 25 steps, every variant, 3 rounds       180     150
-#               (compiled variants in E2E_SD15_COMPILE_MODE, each capped at
-#               E2E_SD15_COMPILE_CAP s; the float32 pipeline as tolerance yardstick)
-#   e2e_sdxl    diffusers SDXL 1024^2, CFG, 25 steps, 3 rounds (compile cap          90      45
-#               E2E_SDXL_COMPILE_CAP, 0 = compiled variants recorded as not run)
-#   (slot)      E2E_EXTRA_MODELS, e.g. a Flux-shaped case, from what is left        120       -
-#   ops         op benchmarks sd15/sdxl/large, every backend + auto + baselines,     120      90
+#   phase       what                                                      cap s  reserve s  typical s (H200, estimate)
+#   versions    card, driver, clocks, CPU, Python/torch/triton/nvcc, commit    -        -        5
+#   wheels      diffusers (+ importlib_metadata) from .whl/ into a site       60        -        5
+#   build       the CUDA extension for sm_90a only                           150      390       60
+#   verify      `diffusion-fast verify`: kernel x dtype x layout vs float64   60      330       40
+#   e2e_sd15    diffusers SD1.5 512^2, CFG, 25 steps, every variant,         180      230      150
+#               3 rounds (compiled variants in E2E_SD15_COMPILE_MODE, each
+#               capped at E2E_SD15_COMPILE_CAP s; the float32 pipeline as
+#               tolerance yardstick)
+#   e2e_sdxl    diffusers SDXL 1024^2, CFG, 25 steps, 3 rounds (compile       90      190       45
+#               cap E2E_SDXL_COMPILE_CAP, 0 = compiled variants not run)
+#   e2e_flux    E2E_EXTRA_MODELS (default flux): diffusers' Flux               60      160       35
+#               transformer, random bf16 weights, 1024^2 (4096 image + 512
+#               text tokens, 24 heads of 128, rotary), guidance embedding,
+#               28 steps, 3 rounds, E2E_FLUX_BLOCKS double,single blocks
+#               (default 3,6 of the published 19,38); compile cap 0: the
+#               compiled variants are recorded as not run
+#   ops         op benchmarks sd15, sdxl, dit (Flux / SD3 joint attention),  120      120       80
+#               large, in that order: every backend + auto + baselines,
 #               host-issued and graph-replay GPU time, peaks of this card
-#   profile     one SD1.5 UNet forward (diffusers', ours) in a CUDA graph under      45      25
-#               torch.profiler: GPU time per kernel and per category
-#   tests       `pytest -m gpu`, one process per file, three at a time               90      45
-#   sanitizer   compute-sanitizer memcheck + racecheck on sanitize_cuda.py         2x45      40
-#   summary     merge the JSON, print the short table LAST                            -       5
-#                                                                            typical total ~515 of 540
+#               (a run short of time drops the last shapes of large)
+#   profile     one SD1.5 UNet forward (diffusers', ours) in a CUDA graph     45       90       25
+#               under torch.profiler: GPU time per kernel and per category
+#   tests       `pytest -m gpu`, one process per file, three at a time        90       40       45
+#   sanitizer   compute-sanitizer memcheck + racecheck on sanitize_cuda.py  2x45       10       40
+#   summary     merge the JSON, print the short table LAST                      -        -        5
+#                                                                                 typical total ~535 of 540
 #
-# Each phase gets min(its cap, what is left of the budget minus a reserve for the phases after it); a phase with
-# under 10 s left is skipped and says so. torch.compile of a full UNet in the recipe's max-autotune mode takes
+# Each phase gets min(its cap, what is left of the budget minus its reserve for the phases after it); a phase
+# with under 10 s left is skipped and says so. Every extra model in E2E_EXTRA_MODELS (flux, sd3; empty: none)
+# gets the e2e_flux slot's cap in turn; more than the default needs a larger GPU_CHECK_BUDGET. torch.compile of a full UNet in the recipe's max-autotune mode takes
 # many minutes, more than this budget holds: the default plan compiles in "default" mode and every result file
 # records the mode that ran (params.compile_mode, compile_mode_requested, attempts) — set
 # E2E_SD15_COMPILE_MODE=max-autotune-no-cudagraphs and a larger GPU_CHECK_BUDGET for the full recipe.
@@ -128,16 +137,16 @@ phase wheels 0 "$S" "$WHEEL_NOTE"
 
 # ------------------------------------------------------------------------------------------------ build
 S=$(date +%s)
-if [ "$MODE" = gpu ] && [ "$(cap 150 360)" -eq 0 ]; then
+if [ "$MODE" = gpu ] && [ "$(cap 150 390)" -eq 0 ]; then
   phase build skipped "$S" "out of time"
 elif [ "$MODE" = gpu ]; then
-  T=$(cap 150 360)
+  T=$(cap 150 390)
   stamp "build (sm_90a, cap ${T}s)"
   DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "$T" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . > "$WORK/build.log" 2>&1
   RC=$?
   if [ "$RC" -ne 0 ]; then  # e.g. a pip without editable-install support: build in place instead
-    DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "$(cap 150 360)" \
+    DIFFUSION_FAST_CUDA_ARCH=90a DIFFUSION_FAST_BUILD_CUDA=1 timeout "$(cap 150 390)" \
       "$PY" setup.py build_ext --inplace >> "$WORK/build.log" 2>&1
     RC=$?
   fi
@@ -153,7 +162,7 @@ EOF
 
 # ------------------------------------------------------------------------------------------------ verify
 S=$(date +%s)
-T=$(cap 75 300)
+T=$(cap 60 330)
 stamp "verify (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   timeout "$T" "$PY" -m diffusion_fast.verify --device "$DEV" --time-limit $(( T * 80 / 100 )) \
@@ -181,19 +190,30 @@ e2e_part() {
     phase "$name" skipped "$s" "out of time"
   fi
 }
+# extra_args MODEL -> the e2e arguments of an extra (transformer) model
+extra_args() {
+  case "$1" in
+    flux) echo "--steps ${E2E_FLUX_STEPS:-28} --blocks ${E2E_FLUX_BLOCKS:-3,6}" ;;
+    sd3) echo "--steps ${E2E_SD3_STEPS:-28} --blocks ${E2E_SD3_BLOCKS:-8}" ;;
+  esac
+}
 if [ "$MODE" = gpu ]; then
-  e2e_part e2e_sd15 sd15 180 200 --dtype bf16 --steps 25 --repeats 3 --fp32-reference \
+  e2e_part e2e_sd15 sd15 180 230 --dtype bf16 --steps 25 --repeats 3 --fp32-reference \
     --compile-mode "${E2E_SD15_COMPILE_MODE:-default}" --compile-cap "${E2E_SD15_COMPILE_CAP:-100}" \
     --graph-methods "${E2E_SD15_GRAPH_METHODS:-cuda_graph}"
-  e2e_part e2e_sdxl sdxl 90 160 --dtype bf16 --steps 25 --repeats 3 \
+  e2e_part e2e_sdxl sdxl 90 190 --dtype bf16 --steps 25 --repeats 3 \
     --compile-mode "${E2E_SDXL_COMPILE_MODE:-default}" --compile-cap "${E2E_SDXL_COMPILE_CAP:-0}" \
     --graph-methods cuda_graph
-  for m in ${E2E_EXTRA_MODELS:-}; do
-    e2e_part "e2e_$m" "$m" 120 160 --dtype bf16 --steps 25 --repeats 3 --compile-cap 0 --graph-methods cuda_graph
+  for m in ${E2E_EXTRA_MODELS-flux}; do
+    # shellcheck disable=SC2046
+    e2e_part "e2e_$m" "$m" 60 160 --dtype bf16 --repeats 3 --compile-cap 0 --graph-methods cuda_graph \
+      $(extra_args "$m")
   done
 else
   e2e_part e2e_sd15 sd15-tiny 60 60 --threads 1 --steps 4 --repeats 2 --compile-cap 0
   e2e_part e2e_sdxl sdxl-tiny 60 40 --threads 1 --steps 4 --repeats 2 --compile-cap 0
+  # The transformer path (meta-device build, shared weights, the ours_* variants recorded as not applying).
+  e2e_part e2e_flux flux-tiny 60 20 --threads 1 --steps 4 --repeats 2 --compile-cap 0
 fi
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -202,7 +222,7 @@ T=$(cap 120 120)
 stamp "ops (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   if [ "$MODE" = gpu ]; then
-    timeout "$T" "$PY" -m diffusion_fast.bench ops --device cuda --dtype bf16 --sets sd15,sdxl,large \
+    timeout "$T" "$PY" -m diffusion_fast.bench ops --device cuda --dtype bf16 --sets sd15,sdxl,dit,large \
       --budget-ms 30 --compile-budget 15 --time-limit $(( T * 80 / 100 )) --no-progress \
       --json "$WORK/ops.json" > "$WORK/ops.log" 2>&1
   else
@@ -288,7 +308,9 @@ fi
 # ------------------------------------------------------------------------------------------------ summary
 S=$(date +%s)
 # ops first: the merged document keeps the first part's peaks, and the op suite measures them in full.
-PARTS=$(ls "$WORK"/ops.json "$WORK"/e2e_*.json 2> /dev/null | tr '\n' ' ')
+# Then the e2e parts in the order they ran (sd15, sdxl, the extra models).
+PARTS=$(for f in "$WORK"/ops.json "$WORK"/e2e_sd15.json "$WORK"/e2e_sdxl.json "$WORK"/e2e_*.json; do
+  [ -f "$f" ] && echo "$f"; done | awk '!seen[$0]++' | tr '\n' ' ')
 if [ -n "$PARTS" ]; then
   # shellcheck disable=SC2086
   timeout 30 "$PY" -m diffusion_fast.bench merge $PARTS --json "$WORK/bench.json" > "$WORK/merge.log" 2>&1

@@ -657,3 +657,282 @@ def test_diffusers_graph_keeps_the_faster_method_and_records_the_other():
     cases = [case("cuda_graph", 5.0)]
     _pick_graph_method(cases, ("cuda_graph",))
     assert cases[0]["params"]["candidates"]["reduce-overhead"].startswith("not measured")
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def test_cli_model_names_are_the_e2e_models():
+    from diffusion_fast.bench import cli
+    from diffusion_fast.bench.e2e import MODELS
+
+    assert cli.E2E_MODELS == MODELS
+
+
+@pytest.fixture(scope="module")
+def flux_run():
+    """diffusers' tiny Flux pipeline with 2 double- and 3 single-stream blocks (the config's own: 1 and 1), built
+    through the meta-device path, every variant asked for (the compile recipe through dynamo's eager backend)."""
+    import dataclasses
+
+    from diffusion_fast.bench.e2e import VARIANT_NAMES, build_context, run_e2e
+
+    ctx = build_context("flux-tiny", torch.device("cpu"), torch.float32, blocks=(2, 3))
+    ctx = dataclasses.replace(ctx, compile_cap_s=300, compile_backend="eager")
+    return ctx, run_e2e(torch.device("cpu"), torch.float32, steps=4, repeats=2, context=ctx, variants=VARIANT_NAMES)
+
+
+def test_e2e_flux_runs_every_variant_a_cpu_can_and_says_why_not_the_others(flux_run):
+    from diffusion_fast.bench.e2e import _df_api
+
+    ctx, (cases, skipped) = flux_run
+    by = {c["impl"]: c for c in cases}
+    df_runs = _df_api()[1] is None
+    assert set(by) == {"diffusers_eager", "diffusers_compile"} | ({"df_kernels"} if df_runs else set())
+    reasons = {s["key"].rsplit("/", 1)[1]: s["reason"] for s in skipped}
+    assert set(reasons) | set(by) == {
+        "diffusers_eager", "diffusers_graph", "diffusers_compile", "ours_eager", "ours_fast", "ours_fast_graph",
+        "ours_fast_cl", "ours_fast_graph_cl", "df_kernels", "df_fused_graph", "df_fused_graph_compile"}
+    for name in ("ours_eager", "ours_fast", "ours_fast_graph", "ours_fast_cl", "ours_fast_graph_cl"):
+        assert reasons[name] == ("not available: our own network is a UNet; flux-tiny runs FluxTransformer2DModel "
+                                 "(ours_* do not apply; df_* run it)")
+    for name in ("diffusers_graph", "df_fused_graph", "df_fused_graph_compile"):
+        assert reasons[name] in ("needs a CUDA device (CUDA graphs)",) or reasons[name].startswith("not available: ")
+    assert reasons["diffusers_graph"] == "needs a CUDA device (CUDA graphs)"
+    prefix = "e2e/flux-tiny/b1-guidance-32x32-flowmatch_euler-4steps-blocks2+3/fp32/"
+    eager = by["diffusers_eager"]
+    for c in cases:
+        p = c["params"]
+        assert c["key"] == prefix + c["impl"] and c["samples"] == 2 and p["output_finite"]
+        assert p["blocks"] == {"num_layers": 2, "num_single_layers": 3} and p["full_depth"] is False
+        assert p["blocks_published"] == {"num_layers": 19, "num_single_layers": 38}
+        assert (p["image_tokens"], p["text_tokens"], p["heads"], p["head_dim"]) == (64, 7, 2, 16)
+        assert p["cfg_batch"] == 1 and p["guidance"] == "guidance embedding" and p["guidance_scale"] == 3.5
+        assert p["scheduler"] == "FlowMatchEulerDiscreteScheduler" and p["latent"] == [1, 64, 16]
+        assert p["denoiser"] == "diffusers FluxTransformer2DModel" and "unet" not in p
+        if c["impl"] != "diffusers_compile":
+            assert c["scalar_reads_per_step"] == 0, c["impl"]
+        # the same weights and inputs: every variant follows diffusers_eager's trajectory to float32 rounding
+        assert p["rel_l2_diff"] < 1e-5, (c["impl"], p["rel_l2_diff"])
+        if c is not eager:
+            assert c["vs_diffusers_eager"] == pytest.approx(eager["median_ms"] / c["median_ms"])
+    assert eager["params"]["rel_l2_diff"] == 0.0
+    assert "fuse_qkv_projections" in by["diffusers_compile"]["params"]["recipe"]
+    if df_runs:  # optimize() served every attention module of the transformer, and its calls
+        p = by["df_kernels"]["params"]
+        assert p["attention_modules_on_df"] == "5/5" and p["attention_calls_on_df"] > 0
+        assert p["attention_calls_on_stock"] == 0
+    den = ctx.denoiser
+    assert (den.config.num_layers, den.config.num_single_layers) == (2, 3)
+    assert all(t.device.type == "cpu" for t in den.parameters())  # nothing left on the meta device
+
+
+def test_e2e_flux_results_file_and_summary(flux_run, tmp_path):
+    from diffusion_fast.bench.summary import summary_table
+
+    _, (cases, skipped) = flux_run
+    doc = _doc({})
+    doc["suites"], doc["cases"], doc["skipped"] = ["e2e"], cases, skipped
+    R.save(doc, tmp_path / "flux.json")
+    table = summary_table(R.load(tmp_path / "flux.json"))
+    assert "e2e flux-tiny: b1-guidance-32x32-flowmatch_euler-4steps-blocks2+3" in table
+    assert "flux-tiny/ours_fast: not available: our own network is a UNet" in table
+    assert "e2e variants whose output is not finite" in table and "diffusers_compile" in table
+
+
+def test_e2e_a_variant_that_writes_the_shared_transformer_weights_fails_the_run(monkeypatch):
+    from diffusion_fast.bench import e2e
+
+    ctx = e2e.build_context("flux-tiny", torch.device("cpu"), torch.float32)
+
+    def rogue(ctx, mode):
+        pipe = ctx.fresh_pipeline()
+        next(pipe.transformer.parameters()).data.mul_(1.5)  # through .data: invisible to the version counter
+        return e2e._pipe_runner(ctx, pipe)
+
+    table = tuple(dataclass_replace(v, setup=rogue) if v.name == "df_kernels" else v for v in e2e.VARIANTS)
+    monkeypatch.setattr(e2e, "VARIANTS", table)
+    with pytest.raises(RuntimeError, match="df_kernels changed the shared weights of the flux-tiny transformer"):
+        e2e.run_e2e(torch.device("cpu"), torch.float32, steps=4, repeats=1, context=ctx,
+                    variants=["diffusers_eager", "df_kernels"])
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_e2e_sd3_tiny_runs_with_classifier_free_guidance():
+    from diffusion_fast.bench.e2e import run_e2e
+
+    cases, skipped = run_e2e(torch.device("cpu"), torch.float32, model="sd3-tiny", steps=4, repeats=1,
+                             variants=["diffusers_eager", "diffusers_compile", "df_kernels", "ours_fast"],
+                             compile_cap_s=300, compile_backend="eager")
+    c = cases[0]
+    assert c["key"] == "e2e/sd3-tiny/b1-cfg-16x16-flowmatch_euler-4steps-blocks2/fp32/diffusers_eager"
+    assert c["params"]["cfg_batch"] == 2 and c["params"]["guidance_scale"] == 7.0 and c["params"]["output_finite"]
+    assert c["params"]["blocks"] == {"num_layers": 2} and c["params"]["image_tokens"] == 64
+    assert {case["impl"] for case in cases} >= {"diffusers_eager", "diffusers_compile"}
+    for case in cases:  # the recipe's fused QKV projections included: the same trajectory to float32 rounding
+        assert case["params"]["rel_l2_diff"] < 1e-5, case["impl"]
+    assert [s["reason"].startswith("not available: our own network is a UNet") for s in skipped] == [True]
+
+
+@pytest.mark.parametrize("model, blocks, message", [
+    ("sd15-tiny", (2,), "sd15-tiny is a UNet; block counts apply to the transformer models (flux, sd3)"),
+    ("flux", (4,), "flux takes 2 count(s) (num_layers, num_single_layers), got 1"),
+    ("flux", (20, 8), "num_layers must be an integer from 1 to 19"),
+    ("sd3-tiny", (0,), "num_layers must be an integer from 1 to 24"),
+    ("flux", (4, 2.5), "num_single_layers must be an integer from 1 to 38"),
+])
+def test_e2e_block_counts_are_checked(model, blocks, message):
+    from diffusion_fast.bench.e2e import check_blocks
+
+    with pytest.raises(ValueError, match=re_escape(message)):
+        check_blocks(model, blocks)
+    assert check_blocks("flux", (19, 38)) == {"num_layers": 19, "num_single_layers": 38}
+    assert check_blocks("flux", None) == {}
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "flux-tiny", "--blocks", "1,x"], "--blocks: expected comma-separated integers, got '1,x'"),
+    (["--model", "flux-tiny", "--blocks", "1,39"], "--blocks: num_single_layers must be an integer from 1 to 38"),
+    (["--model", "sd15-tiny", "--blocks", "2"], "--blocks: sd15-tiny is a UNet"),
+])
+def test_bench_e2e_bad_blocks_exit_2_before_measuring(args, message, capsys):
+    assert main(["e2e", "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ fast init
+
+
+def test_fast_init_draws_seeded_weights_on_the_device_at_fan_in_scale():
+    from diffusion_fast.integrations.diffusers import configs
+
+    def build(seed, dtype=torch.float32, init="fast"):
+        return configs.pipeline("sd3", "tiny", init=init, seed=seed, dtype=dtype).transformer
+
+    a, b, c = build(0), build(0), build(1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed, same weights
+    assert not torch.equal(sa["pos_embed.proj.weight"], sc["pos_embed.proj.weight"])
+    # buffers are computed, not drawn: SD3's sin-cos position table equals the module-init build's
+    assert torch.equal(sa["pos_embed.pos_embed"], build(0, init="module").state_dict()["pos_embed.pos_embed"])
+    assert torch.nn.Module.register_parameter.__name__ == "register_parameter"  # the builder's patch is undone
+    lin = a.transformer_blocks[0].ff.net[2]  # [32, 128]: N(0, 1/128)
+    assert lin.weight.std().item() == pytest.approx(128 ** -0.5, rel=0.1)
+    assert lin.weight.mean().abs().item() < 0.01
+    for p in a.parameters():
+        assert p.device.type == "cpu" and p.dtype == torch.float32 and torch.isfinite(p).all()
+    flux = configs.pipeline("flux", "tiny", init="fast", dtype=torch.bfloat16).transformer
+    norm = flux.transformer_blocks[0].attn.norm_q.weight  # RMSNorm weight: 1 + N(0, 0.1^2), not exactly one
+    assert norm.dtype == torch.bfloat16 and 0.0 < (norm.float() - 1).abs().max().item() < 0.5
+    # a bf16 forward of the drawn model stays finite and of order one
+    kw = dict(hidden_states=torch.randn(1, 16, 16, dtype=torch.bfloat16),
+              encoder_hidden_states=torch.randn(1, 7, 32, dtype=torch.bfloat16),
+              pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+              guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(7, 3), return_dict=False)
+    with torch.no_grad():
+        out = flux(**kw)[0]
+    assert torch.isfinite(out).all() and 0.05 < out.float().std().item() < 20
+
+
+def test_fast_init_keeps_tied_parameters_tied():
+    from diffusion_fast.integrations.diffusers import configs
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+    with configs._parameters_on_meta():
+        m = Tied()
+    assert m.a.weight.device.type == "meta"
+    configs.fill_random(m, seed=0, dtype=torch.float32, device="cpu")
+    assert m.b.weight is m.a.weight and m.a.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(init="lazy"), "init must be one of module, fast; got 'lazy'"),
+    (dict(overrides={"num_blocks": 2}), "overrides: 'num_blocks' is not a key of this denoiser's config"),
+])
+def test_pipeline_builder_rejects_bad_init_and_overrides(kw, message):
+    from diffusion_fast.integrations.diffusers import configs
+
+    with pytest.raises(ValueError, match=re_escape(message)):
+        configs.pipeline("flux", "tiny", **kw)
+
+
+# ------------------------------------------------------------------------------------------------ dit op shapes
+
+
+def test_dit_set_holds_the_flux_and_sd3_joint_attention_shapes():
+    from diffusion_fast.bench.ops import SETS, shapes
+
+    assert "dit" in SETS
+    att = {s.name: s.params for s in shapes("attention", "dit", torch.bfloat16)}
+    assert att["joint-b1-h24-s4096+512-d128"] == {"B": 1, "Sq": 4608, "Sk": 4608, "H": 24, "D": 128, "kind": "joint",
+                                                  "layout": "BSHD", "image_tokens": 4096, "text_tokens": 512}
+    assert att["joint-b2-h24-s4096+333-d64"]["Sq"] == 4429 and att["joint-b2-h24-s4096+333-d64"]["H"] == 24
+    assert shapes("group_norm", "dit", torch.bfloat16) == []  # DiTs have no GroupNorm
+    assert [s.name for s in shapes("sampler_step", "dit", torch.bfloat16)] == ["1x16x128x128-cfg-k1"]
+
+
+def _tiny_dit(entry):
+    """The same batch, heads and head dim, image and text tokens divided by 64 (at least 5 text tokens) and the
+    joint length made odd: an odd sequence no kernel tile divides, as 4429 is."""
+    B, Sq, _, H, D, text = entry
+    t = max(5, text // 64)
+    s = (Sq - text) // 64 + t
+    if s % 2 == 0:
+        t, s = t + 1, s + 1
+    return (B, s, s, H, D, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("index", [0, 1], ids=["flux", "sd3"])
+def test_dit_attention_cases_check_against_the_oracle_on_a_tiny_version(index, dtype, monkeypatch):
+    from diffusion_fast.bench import ops
+    from diffusion_fast.bench.peaks import measure_peaks
+
+    entry = ops.ATTENTION_SETS["dit"][index]
+    tiny = _tiny_dit(entry)
+    assert tiny[1] % 2 == 1 and tiny[3:5] == entry[3:5]
+    monkeypatch.setitem(ops.ATTENTION_SETS, "dit", [tiny])
+    run = ops.run_ops(torch.device("cpu"), dtype, ops=["attention"], sets=["dit"], budget_ms=1.0,
+                      peaks=measure_peaks(torch.device("cpu"), quick=True))
+    got = {c["impl"]: c for c in run.cases}
+    assert {"torch", "sdpa", "auto", "sdpa_math"} <= set(got), sorted(got)
+    for c in run.cases:
+        assert c["params"]["kind"] == "joint" and c["params"]["Sq"] == tiny[1]
+        assert c["correct"] is True and c["max_abs_err"] <= c["tolerance"], (c["key"], c["max_abs_err"])
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["flux", "sd3"])
+def test_dit_attention_triton_kernel_against_the_oracle_on_a_tiny_version(index):
+    """Our Triton kernel (the interpreter here) at the dit head dims and an odd joint length; the compiled
+    kernels and CUDA are checked on these shapes, full size, by the GPU run's op phase."""
+    from diffusion_fast import ops as dfops
+    from diffusion_fast.bench import ops
+    from diffusion_fast.kernels.reference import oracle
+
+    if dfops.registry.status("attention").get("triton") is not None:
+        pytest.skip(f"triton: {dfops.registry.status('attention')['triton']}")
+    B, S, _, _, D, _ = _tiny_dit(ops.ATTENTION_SETS["dit"][index])
+    g = torch.Generator().manual_seed(index)
+    q, k, v = (torch.randn(1, S, 2, D, generator=g) for _ in range(3))  # 2 heads: the interpreter is slow
+    out = dfops.attention(q, k, v, backend="triton")
+    scale = D ** -0.5
+    oracle.assert_close(out, oracle.attention(q, k, v, scale), oracle.attention_lowp(q, k, v, scale),
+                        what=f"triton dit d{D} s{S}")

@@ -1,7 +1,8 @@
 """``diffusion-fast bench``: op benchmarks, end-to-end sampling speed, and the regression gate.
 
-    diffusion-fast bench ops  [--device cuda|cpu] [--sets sd15,sdxl,large] [--json out.json]
-    diffusion-fast bench e2e  [--device cuda|cpu] [--model sd15|sdxl|sd15-tiny] [--steps 25] [--json out.json]
+    diffusion-fast bench ops  [--device cuda|cpu] [--sets sd15,sdxl,large,dit] [--json out.json]
+    diffusion-fast bench e2e  [--device cuda|cpu] [--model sd15|sdxl|flux|sd3|*-tiny] [--steps N] [--blocks D,S]
+                              [--json out.json]
     diffusion-fast bench all  (ops then e2e, one results file)
     diffusion-fast bench merge A.json B.json ... --json out.json   (results of one machine, one document)
     diffusion-fast bench compare BASE.json NEW.json --max-regression 5% [--noise-k 2] [--plot out.png]
@@ -28,7 +29,8 @@ from .ops import DTYPES, OPS, SETS
 from .progress import Progress
 from .summary import summary_table
 
-E2E_MODELS = ("sd15", "sdxl", "sd15-tiny", "sdxl-tiny")  # the names of .e2e.MODELS, without importing it
+# The names of .e2e.MODELS, without importing it (tests check that the two agree).
+E2E_MODELS = ("sd15", "sdxl", "flux", "sd3", "sd15-tiny", "sdxl-tiny", "flux-tiny", "sd3-tiny")
 
 
 class _UsageError(Exception):
@@ -70,7 +72,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ops(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sets", help=f"comma list from {','.join(SETS)} (default: sd15,sdxl,large on cuda, tiny on cpu)")
+    p.add_argument("--sets", help=f"comma list from {','.join(SETS)} (default: sd15,sdxl,large,dit on cuda, tiny on "
+                   "cpu)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {','.join(OPS)}")
     p.add_argument("--impls", help="only these implementations (e.g. torch,triton,eager,sdpa_flash)")
     p.add_argument("--budget-ms", type=float, help="timed milliseconds per case (default 100 on cuda, 20 on cpu)")
@@ -80,10 +83,14 @@ def _add_ops(p: argparse.ArgumentParser) -> None:
 
 def _add_e2e(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=E2E_MODELS,
-                   help="diffusers model with random weights: sd15 (512^2), sdxl (1024^2), *-tiny for CPU tests "
-                        "(default sd15 on cuda, sd15-tiny on cpu)")
-    p.add_argument("--steps", type=int, help="sampling steps per call (default 25 on cuda, 4 on cpu)")
-    p.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees twice that with CFG)")
+                   help="diffusers model with random weights: sd15 (512^2), sdxl, flux, sd3 (1024^2), *-tiny for "
+                        "CPU tests (default sd15 on cuda, sd15-tiny on cpu)")
+    p.add_argument("--steps", type=int,
+                   help="sampling steps per call (default on cuda 25 for sd15/sdxl, 28 for flux/sd3; 4 on cpu)")
+    p.add_argument("--blocks", metavar="N[,N]",
+                   help="transformer block counts, the rest of the architecture unchanged: flux double,single "
+                        "(published 19,38), sd3 joint (24); default: the config's own")
+    p.add_argument("--batch", type=int, default=1, help="images per call (the denoiser sees twice that with CFG)")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (default 3)")
     p.add_argument("--variants", help="comma list of variants (default: all; see docs/benchmarking.md)")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
@@ -156,7 +163,7 @@ def _run_suites(args: argparse.Namespace, suites: Sequence[str]) -> int:
 
 def _e2e_settings(args: argparse.Namespace, cuda: bool) -> dict:
     """The keyword arguments of :func:`.e2e.run_e2e` from the command line, each checked (a _UsageError)."""
-    from .e2e import COMPILE_MODES, VARIANT_NAMES
+    from .e2e import COMPILE_MODES, MODEL_SPECS, VARIANT_NAMES, check_blocks
 
     variants = _csv(args.variants) if args.variants else list(VARIANT_NAMES)
     for v in variants:
@@ -168,16 +175,27 @@ def _e2e_settings(args: argparse.Namespace, cuda: bool) -> dict:
             raise _UsageError(f"--graph-methods: unknown method {m!r}; expected cuda_graph, reduce-overhead")
     if args.compile_mode not in COMPILE_MODES:
         raise _UsageError(f"--compile-mode: unknown mode {args.compile_mode!r}; expected {', '.join(COMPILE_MODES)}")
-    steps = args.steps if args.steps is not None else (25 if cuda else 4)
+    model = args.model or ("sd15" if cuda else "sd15-tiny")
+    steps = args.steps if args.steps is not None else (MODEL_SPECS[model.partition("-")[0]].steps if cuda else 4)
+    blocks = None
+    if args.blocks is not None:
+        try:
+            blocks = [int(b) for b in _csv(args.blocks)]
+        except ValueError:
+            raise _UsageError(f"--blocks: expected comma-separated integers, got {args.blocks!r}") from None
+        try:
+            check_blocks(model, blocks)
+        except ValueError as exc:
+            raise _UsageError(f"--{exc}") from None
     cap = args.compile_cap if args.compile_cap is not None else (900.0 if cuda else 0.0)
     for name, v, lo in (("--steps", steps, 4), ("--repeats", args.repeats, 1), ("--batch", args.batch, 1)):
         if v < lo:
             raise _UsageError(f"{name} must be >= {lo}, got {v}")
     if not (0 <= cap < float("inf")):
         raise _UsageError(f"--compile-cap must be a number of seconds >= 0, got {args.compile_cap}")
-    return {"model": args.model or ("sd15" if cuda else "sd15-tiny"), "steps": steps, "repeats": args.repeats,
-            "batch": args.batch, "variants": variants, "compile_mode": args.compile_mode, "compile_cap_s": cap,
-            "graph_methods": methods, "fp32_reference": bool(args.fp32_reference)}
+    return {"model": model, "steps": steps, "repeats": args.repeats, "batch": args.batch, "variants": variants,
+            "compile_mode": args.compile_mode, "compile_cap_s": cap, "graph_methods": methods,
+            "fp32_reference": bool(args.fp32_reference), "blocks": blocks}
 
 
 def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch.device, dtype: torch.dtype) -> int:
@@ -197,7 +215,7 @@ def _run_measured(args: argparse.Namespace, suites: Sequence[str], device: torch
         if "ops" in suites:
             from .ops import run_ops
 
-            sets = _csv(args.sets) if args.sets else (["sd15", "sdxl", "large"] if cuda else ["tiny"])
+            sets = _csv(args.sets) if args.sets else (["sd15", "sdxl", "large", "dit"] if cuda else ["tiny"])
             ops = _csv(args.ops)
             impls = _csv(args.impls) if args.impls else None
             budget = args.budget_ms if args.budget_ms is not None else (100.0 if cuda else 20.0)

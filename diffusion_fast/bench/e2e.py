@@ -2,26 +2,33 @@
 
 One run builds one stock diffusers pipeline with random weights
 (:func:`diffusion_fast.integrations.diffusers.configs.pipeline`, ``text_encoders=False``), draws one set of
-inputs (prompt embeddings for classifier-free guidance, the initial latents), and times every variant of
-:data:`VARIANTS` on copies of those same weights and inputs. All pipelines use diffusers'
-``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) built from the model's scheduler config, so every variant
-walks the same schedule. Variants (``family`` in the results):
+inputs (prompt embeddings, the initial latents), and times every variant of :data:`VARIANTS` on those same
+weights and inputs. Models (:data:`MODELS`): the UNets SD1.5 (512²) and SDXL (1024²) with classifier-free
+guidance, every variant on diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) built from the model's
+scheduler config; the transformers Flux (1024², guidance embedding, one evaluation per step) and SD3 (1024²,
+classifier-free guidance) on their own ``FlowMatchEulerDiscreteScheduler``, built on the device in seconds
+(``init="fast"``) with full width, heads, head dim, joint sequence and rotary embeddings, and optionally fewer
+blocks (``blocks``: recorded in the key and in ``params.blocks``). Variants (``family`` in the results):
 
-* ``diffusers_eager`` — the stock pipeline and UNet, default attention (SDPA);
-* ``diffusers_graph`` — the stock UNet replayed as a CUDA graph (capture per input signature, as stable-fast
-  does) or ``torch.compile(mode="reduce-overhead")``, whichever is faster (``params.graph_method``; the other's
-  time or reason in ``params.candidates``);
-* ``diffusers_compile`` — diffusers' speed-up recipe: channels_last UNet, fused QKV projections,
-  ``torch.compile(mode="max-autotune-no-cudagraphs", fullgraph=True)``; ``params.compile_mode`` is the mode
-  that actually ran (a cheaper one when the recipe's compile does not finish within ``compile_cap_s``);
+* ``diffusers_eager`` — the stock pipeline and denoiser (UNet or transformer), default attention (SDPA);
+* ``diffusers_graph`` — the stock denoiser replayed as a CUDA graph (capture per input signature, as
+  stable-fast does) or ``torch.compile(mode="reduce-overhead")``, whichever is faster (``params.graph_method``;
+  the other's time or reason in ``params.candidates``);
+* ``diffusers_compile`` — diffusers' speed-up recipe: the UNet in channels_last (a transformer keeps its
+  layout), fused QKV projections, ``torch.compile(mode="max-autotune-no-cudagraphs", fullgraph=True)``;
+  ``params.compile_mode`` is the mode that actually ran (a cheaper one when the recipe's compile does not finish
+  within ``compile_cap_s``), ``params.recipe`` what was done;
 * ``ours_eager``, ``ours_fast``, ``ours_fast_graph`` — *our own* UNet (``diffusion_fast.models``) loaded with the
   same weights, sampled by ``diffusion_fast.sample``: plain-torch ops, ``auto`` ops, and the whole trajectory
   as one CUDA graph (SD1.5-layout UNets only; others are recorded as not available); ``ours_fast_cl`` and
-  ``ours_fast_graph_cl`` the same with the network in channels_last;
+  ``ours_fast_graph_cl`` the same with the network in channels_last. The transformer models record all five
+  as not available (there is no transformer of our own);
 * ``df_kernels`` — ``optimize(pipe)``; ``df_fused_graph`` — ``optimize(pipe, fused_loop=True,
-  cuda_graph=True)``; ``df_fused_graph_compile`` — the same with the UNet under ``torch.compile`` (our custom
+  cuda_graph=True)``; ``df_fused_graph_compile`` — the same with the denoiser under ``torch.compile`` (our custom
   ops inside the compiled graph). Each is one entry calling the public integration API; when that API is not
-  importable (or lacks an option) the variant is recorded under ``skipped`` as ``not available: <reason>``.
+  importable, lacks an option or raises ``NotImplementedError`` for it, the variant is recorded under
+  ``skipped`` as ``not available: <reason>``; a case records what ``optimize`` made of the denoiser
+  (``params.attention_modules_on_df`` and the calls it served).
 
 Per variant: time per sampling call (median, p20, p80 over ``repeats`` calls, taken round-robin across the
 variants so drift hits all alike) and its ``spread`` ((max - min) / median), ms per image, steps per second,
@@ -32,6 +39,11 @@ latents' difference from ``diffusers_eager``'s (``max_abs_diff``, ``rel_l2_diff`
 also each variant's error against the stock pipeline run in float32 and whether it is within twice
 ``diffusers_eager``'s own error (the flash-attention rule of ``kernels/reference/oracle.py``, applied to a
 whole trajectory).
+
+Variants of a UNet model each get their own deep copy of the UNet (``channels_last`` re-lays out a copy's
+weights in place). Variants of a transformer model share the pristine weights (a 12 B-parameter Flux fits on
+the card once, not once per variant): each gets its own modules around the same parameter tensors, and the run
+fails if a variant changed them in place.
 """
 
 from __future__ import annotations
@@ -57,7 +69,31 @@ from .ops import dtype_name
 from .progress import Progress
 from .timing import quantile, synchronize
 
-MODELS = ("sd15", "sdxl", "sd15-tiny", "sdxl-tiny")
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the e2e suite runs one model family (a row of :data:`MODEL_SPECS`)."""
+
+    family: str  # configs.pipeline name
+    denoiser: str  # the pipeline's attribute holding it: "unet" or "transformer"
+    scheduler: str  # the diffusers scheduler class every variant runs
+    cfg: bool  # classifier-free guidance (the denoiser sees 2 x batch), else a guidance embedding (Flux)
+    guidance_scale: float  # the pipeline's default
+    steps: int  # default steps on CUDA
+    sampler_label: str  # in the case key
+    blocks: tuple[str, ...] = ()  # the transformer config keys counting its blocks (``blocks=`` overrides)
+    side: dict[str, int] = field(default_factory=dict)  # picture side per size (default: the UNet's sample size)
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "sd15": ModelSpec("sd15", "unet", "DPMSolverMultistepScheduler", True, 7.5, 25, "dpmsolver++2m"),
+    "sdxl": ModelSpec("sdxl", "unet", "DPMSolverMultistepScheduler", True, 7.5, 25, "dpmsolver++2m"),
+    "flux": ModelSpec("flux", "transformer", "FlowMatchEulerDiscreteScheduler", False, 3.5, 28, "flowmatch_euler",
+                      ("num_layers", "num_single_layers"), {"full": 1024, "tiny": 32}),
+    "sd3": ModelSpec("sd3", "transformer", "FlowMatchEulerDiscreteScheduler", True, 7.0, 28, "flowmatch_euler",
+                     ("num_layers",), {"full": 1024, "tiny": 16}),
+}
+MODELS = tuple(MODEL_SPECS) + tuple(f"{m}-tiny" for m in MODEL_SPECS)
 SYNC_STEPS = (2, 4)
 RECIPE_COMPILE_MODE = "max-autotune-no-cudagraphs"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -163,12 +199,12 @@ class E2EContext:
     device: torch.device
     dtype: torch.dtype
     model: str
-    family: str  # "sd15" or "sdxl"
+    family: str  # a key of MODEL_SPECS
     size: str  # "full" or "tiny"
     pipe: Any  # the pristine stock pipeline (never run, never patched)
     scheduler_config: dict
-    embeds: dict[str, torch.Tensor]  # prompt_embeds, negative_prompt_embeds (+ pooled for SDXL), [B, ...]
-    latents: torch.Tensor  # [B, 4, h, w] initial noise, the pipeline's dtype
+    embeds: dict[str, torch.Tensor]  # prompt_embeds (+ negative_*, pooled_* as the pipeline takes them), [B, ...]
+    latents: torch.Tensor  # initial noise in the pipeline's layout ([B, C, h, w]; Flux: packed [B, h*w/4, 4C])
     height: int
     width: int
     batch: int
@@ -178,26 +214,65 @@ class E2EContext:
     compile_cap_s: float
     compile_backend: str = "inductor"
     graph_methods: tuple[str, ...] = ("cuda_graph", "reduce-overhead")
+    blocks: dict[str, int] = field(default_factory=dict)  # the transformer's block counts (empty for UNets)
     _schedules: dict[int, Any] = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def fresh_pipeline(self):
-        """A pipeline with its own copies of the UNet and VAE and a fresh scheduler (variants patch these)."""
-        from diffusers import DPMSolverMultistepScheduler
+    @property
+    def spec(self) -> ModelSpec:
+        return MODEL_SPECS[self.family]
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pristine pipeline's UNet or transformer."""
+        return getattr(self.pipe, self.spec.denoiser)
+
+    @property
+    def shares_weights(self) -> bool:
+        """Whether variants share the pristine denoiser's parameter tensors (transformers) or copy them (UNets)."""
+        return self.spec.denoiser == "transformer"
+
+    def new_scheduler(self):
+        import diffusers
+
+        return getattr(diffusers, self.spec.scheduler).from_config(self.scheduler_config)
+
+    def fresh_pipeline(self, *, dtype: torch.dtype | None = None):
+        """A pipeline with its own denoiser and VAE modules and a fresh scheduler (variants patch these).
+
+        UNet models: deep copies. Transformer models: copies of the modules around the same parameter and
+        buffer tensors (:attr:`shares_weights`). ``dtype``: a float32 (or other) copy of the denoiser instead,
+        never shared.
+        """
         comps = dict(self.pipe.components)
-        comps["unet"] = copy.deepcopy(self.pipe.unet)
+        den = self.denoiser
+        if dtype is not None:
+            comps[self.spec.denoiser] = copy.deepcopy(den).to(dtype)
+        elif self.shares_weights:
+            memo = {id(t): t for t in (*den.parameters(), *den.buffers())}
+            comps[self.spec.denoiser] = copy.deepcopy(den, memo)
+        else:
+            comps[self.spec.denoiser] = copy.deepcopy(den)
         comps["vae"] = copy.deepcopy(self.pipe.vae)
-        comps["scheduler"] = DPMSolverMultistepScheduler.from_config(self.scheduler_config)
-        if "requires_safety_checker" in inspect.signature(type(self.pipe)).parameters:
+        comps["scheduler"] = self.new_scheduler()
+        params = inspect.signature(type(self.pipe)).parameters
+        if "requires_safety_checker" in params:
             comps["requires_safety_checker"] = False
-        pipe = type(self.pipe)(**{k: v for k, v in comps.items()
-                                  if k in inspect.signature(type(self.pipe)).parameters})
+        pipe = type(self.pipe)(**{k: v for k, v in comps.items() if k in params})
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def weights_fingerprint(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """``(data_ptr, version)`` of every parameter and buffer of the pristine denoiser and their float64
+        sums (one device tensor): an in-place change to a shared tensor (a write, also through ``.data``, a
+        re-layout) changes it. Compare two with :func:`same_fingerprint`."""
+        ts = [t for t in (*self.denoiser.parameters(), *self.denoiser.buffers()) if t.is_floating_point()]
+        with torch.no_grad():
+            sums = torch.stack([t.sum(dtype=torch.float64) for t in ts]) if ts else torch.zeros(0)
+        return [(t.data_ptr(), t._version) for t in ts], sums
 
     def schedule(self, steps: int):
         """The sigmas and timestep map diffusers' DPM-Solver computes for ``steps`` (our samplers' input)."""
@@ -219,7 +294,12 @@ class E2EContext:
         return torch.compile(module, **kw)
 
 
-Runner = Callable[[int], torch.Tensor]  # steps -> final latents [B, 4, h, w]
+def same_fingerprint(a: tuple[list, torch.Tensor], b: tuple[list, torch.Tensor]) -> bool:
+    """Whether two :meth:`E2EContext.weights_fingerprint` values are the same."""
+    return a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+Runner = Callable[[int], torch.Tensor]  # steps -> final latents (the pipeline's output_type="latent")
 
 
 def _pipe_runner(ctx: E2EContext, pipe) -> Runner:
@@ -270,7 +350,8 @@ def _graphed_forward(module: torch.nn.Module, device: torch.device) -> Callable[
         for t in flat:
             if isinstance(t, torch.Tensor):
                 if t.device.type != "cuda":
-                    raise Unavailable(f"an input of the UNet is on {t.device}; a CUDA graph needs device inputs")
+                    raise Unavailable(f"an input of the denoiser is on {t.device}; a CUDA graph needs device "
+                                      "inputs")
                 sig.append((tuple(t.shape), t.dtype, t.stride()))
             else:
                 sig.append(repr(t))
@@ -278,7 +359,7 @@ def _graphed_forward(module: torch.nn.Module, device: torch.device) -> Callable[
         entry = graphs.get(key)
         if entry is None:
             if len(graphs) >= 4:
-                raise Unavailable("the UNet was called with more than 4 input signatures; one graph each")
+                raise Unavailable("the denoiser was called with more than 4 input signatures; one graph each")
             static = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
             s_args, s_kwargs = tree_unflatten(static, spec)
             side = torch.cuda.Stream(device)
@@ -302,18 +383,32 @@ def _graphed_forward(module: torch.nn.Module, device: torch.device) -> Callable[
 
 def _diffusers_graph(ctx: E2EContext, method: str | None) -> Runner:
     pipe = ctx.fresh_pipeline()
+    attr = ctx.spec.denoiser
+    den = getattr(pipe, attr)
     if method == "cuda_graph":
-        pipe.unet.forward = _graphed_forward(pipe.unet, ctx.device)
+        den.forward = _graphed_forward(den, ctx.device)
     else:
-        pipe.unet = ctx.compile(pipe.unet, "reduce-overhead")
+        setattr(pipe, attr, ctx.compile(den, "reduce-overhead"))
     return _pipe_runner(ctx, pipe)
+
+
+def compile_recipe(ctx: E2EContext) -> str:
+    """What ``diffusers_compile`` does before ``torch.compile`` (diffusers' speed-up recipe for the model)."""
+    if ctx.spec.denoiser == "unet":
+        return "UNet in channels_last, pipe.fuse_qkv_projections(), torch.compile(fullgraph=True)"
+    # A transformer has no convolution worth a memory format (Flux none; SD3 one patch embedding).
+    return "transformer.fuse_qkv_projections(), torch.compile(fullgraph=True)"
 
 
 def _diffusers_compile(ctx: E2EContext, mode: str | None) -> Runner:
     pipe = ctx.fresh_pipeline()
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.fuse_qkv_projections()
-    pipe.unet = ctx.compile(pipe.unet, mode or RECIPE_COMPILE_MODE)
+    attr = ctx.spec.denoiser
+    if attr == "unet":
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.fuse_qkv_projections()
+    else:
+        getattr(pipe, attr).fuse_qkv_projections()  # new fused weights; the shared ones are only read
+    setattr(pipe, attr, ctx.compile(getattr(pipe, attr), mode or RECIPE_COMPILE_MODE))
     return _pipe_runner(ctx, pipe)
 
 
@@ -380,6 +475,9 @@ def _ours(name: str):
 def _ours_available(ctx: E2EContext) -> str | None:
     from ..models.unet import UNetConfig
 
+    if ctx.spec.denoiser != "unet":
+        return (f"{NOT_AVAILABLE}our own network is a UNet; {ctx.model} runs {type(ctx.denoiser).__name__} "
+                "(ours_* do not apply; df_* run it)")
     try:
         UNetConfig.from_diffusers(dict(ctx.pipe.unet.config))
     except ValueError as exc:
@@ -405,7 +503,7 @@ def _df_api(*options: str) -> tuple[Callable | None, str | None]:
     return optimize, None
 
 
-def _df(*, compile_unet: bool = False, **options: Any):
+def _df(*, compile_denoiser: bool = False, **options: Any):
     def available(ctx: E2EContext) -> str | None:
         _, why = _df_api(*options)
         return None if why is None else NOT_AVAILABLE + why
@@ -419,15 +517,40 @@ def _df(*, compile_unet: bool = False, **options: Any):
             optimize(pipe, **options)
         except NotImplementedError as exc:  # the API names the option but does not implement it yet
             raise Unavailable(NOT_AVAILABLE + first_line(exc)) from None
-        if compile_unet:
-            ctx.compile(pipe.unet, mode or RECIPE_COMPILE_MODE, in_place=True)
-        return _pipe_runner(ctx, pipe)
+        if compile_denoiser:
+            ctx.compile(getattr(pipe, ctx.spec.denoiser), mode or RECIPE_COMPILE_MODE, in_place=True)
+        run = _pipe_runner(ctx, pipe)
+        run.describe = lambda: _df_report(pipe)
+        return run
 
     return available, setup
 
 
+def _df_report(pipe) -> dict:
+    """What ``optimize`` made of the denoiser, from its :func:`report`: modules served by diffusion_fast out of
+    all of each kind, and attention calls served so far (under a CUDA graph, only the captured ones)."""
+    try:
+        from ..integrations.diffusers import report
+
+        rows = report(pipe)
+    except Exception as exc:  # diagnostic only
+        return {"optimize_report": f"unavailable: {first_line(exc)}"}
+    out: dict[str, Any] = {}
+    for kind in ("attention", "resnet"):
+        mine = [r for r in rows if r.kind == kind]
+        if mine:
+            out[f"{kind}_modules_on_df"] = f"{sum(r.runs == 'diffusion_fast' for r in mine)}/{len(mine)}"
+    att = [r for r in rows if r.kind == "attention"]
+    out["attention_calls_on_df"] = sum(r.calls for r in att)
+    out["attention_calls_on_stock"] = sum(sum(r.fallbacks.values()) for r in att)
+    kept = sorted({r.reason for r in rows if r.reason})
+    if kept:
+        out["kept_stock_because"] = kept[:5]
+    return out
+
+
 def _variant_df(name: str, *, cuda_only: bool = False, compiled: bool = False, **options: Any) -> Variant:
-    available, setup = _df(compile_unet=compiled, **options)
+    available, setup = _df(compile_denoiser=compiled, **options)
     return Variant(name, "df", setup, cuda_only=cuda_only, compiled=compiled, available=available)
 
 
@@ -450,18 +573,54 @@ VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 # --------------------------------------------------------------------------------------------- the run
 
 
-def build_context(model: str, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
-                  guidance_scale: float = 7.5, seed: int = 0, compile_mode: str = RECIPE_COMPILE_MODE,
-                  compile_cap_s: float = 0.0, compile_backend: str = "inductor",
-                  graph_methods: Sequence[str] = ("cuda_graph", "reduce-overhead")) -> E2EContext:
-    """Build the pristine pipeline of ``model`` (one of :data:`MODELS`) and the shared inputs."""
+def check_blocks(model: str, blocks: Sequence[int] | None) -> dict[str, int]:
+    """The transformer config overrides ``blocks`` stands for (``{}`` for None); ValueError naming the limit.
+
+    ``blocks`` gives one count per entry of the model's :attr:`ModelSpec.blocks` (Flux: double-stream,
+    single-stream; SD3: joint blocks), each from 1 up to the published architecture's count.
+    """
     if model not in MODELS:
         raise ValueError(f"model: unknown model {model!r}; expected names from {MODELS}")
+    if blocks is None:
+        return {}
+    family = model.partition("-")[0]
+    spec = MODEL_SPECS[family]
+    if not spec.blocks:
+        raise ValueError(f"blocks: {model} is a UNet; block counts apply to the transformer models "
+                         f"({', '.join(m for m, s in MODEL_SPECS.items() if s.blocks)})")
+    blocks = list(blocks)
+    if len(blocks) != len(spec.blocks):
+        raise ValueError(f"blocks: {model} takes {len(spec.blocks)} count(s) ({', '.join(spec.blocks)}), "
+                         f"got {len(blocks)}: {blocks}")
+    from ..integrations.diffusers import configs
+
+    full = configs.transformer_config(family, "full")
+    out = {}
+    for key, n in zip(spec.blocks, blocks):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= full[key]:
+            raise ValueError(f"blocks: {key} must be an integer from 1 to {full[key]} (the published "
+                             f"architecture's count), got {n!r}")
+        out[key] = n
+    return out
+
+
+def build_context(model: str, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
+                  guidance_scale: float | None = None, seed: int = 0, compile_mode: str = RECIPE_COMPILE_MODE,
+                  compile_cap_s: float = 0.0, compile_backend: str = "inductor",
+                  graph_methods: Sequence[str] = ("cuda_graph", "reduce-overhead"),
+                  blocks: Sequence[int] | None = None) -> E2EContext:
+    """Build the pristine pipeline of ``model`` (one of :data:`MODELS`) and the shared inputs.
+
+    ``guidance_scale``: None for the model's default (:attr:`ModelSpec.guidance_scale`). ``blocks``: the
+    transformer's block counts (:func:`check_blocks`; None: the config's own). Transformers are built with
+    ``init="fast"`` (parameters drawn on ``device`` from a seeded generator, N(0, 1/fan_in)); UNets with their
+    modules' own init rule.
+    """
+    overrides = check_blocks(model, blocks)
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode: unknown torch.compile mode {compile_mode!r}; expected {COMPILE_MODES}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    from diffusers import DPMSolverMultistepScheduler
     from diffusers.utils import logging as dlog
 
     from ..integrations.diffusers import configs
@@ -469,28 +628,48 @@ def build_context(model: str, device: torch.device, dtype: torch.dtype, *, batch
     dlog.set_verbosity_error()
     family, _, tiny = model.partition("-")
     size = "tiny" if tiny else "full"
-    # Built directly on the device (parameter init on a GPU takes a moment; on a CPU, a full SDXL takes minutes).
+    spec = MODEL_SPECS[family]
+    if guidance_scale is None:
+        guidance_scale = spec.guidance_scale
+    transformer = spec.denoiser == "transformer"
+    # Built directly on the device (parameter init on a GPU takes a moment; on a CPU, a full SDXL takes minutes);
+    # a transformer's parameters are built on the meta device, then drawn on the device in the run's dtype.
     with torch.device(device):
-        pipe = configs.pipeline(family, size=size, dtype=dtype, device=device, seed=seed, text_encoders=False)
+        pipe = configs.pipeline(family, size=size, dtype=dtype, device=device, seed=seed, text_encoders=False,
+                                init="fast" if transformer else "module", overrides=overrides or None)
     pipe.set_progress_bar_config(disable=True)
-    sched_cfg = dict(DPMSolverMultistepScheduler.from_config(pipe.scheduler.config).config)
-    ucfg = pipe.unet.config
+    import diffusers
+
+    sched_cfg = dict(getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config).config)
+    den = getattr(pipe, spec.denoiser)
+    dcfg = den.config
     g = torch.Generator().manual_seed(seed + 1)
 
     def r(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    embeds = {"prompt_embeds": r(batch, 77, ucfg.cross_attention_dim),
-              "negative_prompt_embeds": r(batch, 77, ucfg.cross_attention_dim)}
-    if family == "sdxl":
-        pooled = ucfg.projection_class_embeddings_input_dim - 6 * ucfg.addition_time_embed_dim
-        embeds["pooled_prompt_embeds"] = r(batch, pooled)
-        embeds["negative_pooled_prompt_embeds"] = r(batch, pooled)
-    latent = ucfg.sample_size
-    latents = r(batch, ucfg.in_channels, latent, latent)
-    side = latent * pipe.vae_scale_factor
+    if transformer:
+        embeds = configs.conditioning(family, size, batch=batch, seed=seed + 1, dtype=dtype, device=device)
+        side = spec.side[size]
+        latent = side // pipe.vae_scale_factor
+        if family == "flux":  # packed 2x2 patches: [B, (h/2)(w/2), 4C]
+            latents = r(batch, (latent // 2) ** 2, dcfg.in_channels)
+        else:
+            latents = r(batch, dcfg.in_channels, latent, latent)
+    else:
+        embeds = {"prompt_embeds": r(batch, 77, dcfg.cross_attention_dim),
+                  "negative_prompt_embeds": r(batch, 77, dcfg.cross_attention_dim)}
+        if family == "sdxl":
+            pooled = dcfg.projection_class_embeddings_input_dim - 6 * dcfg.addition_time_embed_dim
+            embeds["pooled_prompt_embeds"] = r(batch, pooled)
+            embeds["negative_pooled_prompt_embeds"] = r(batch, pooled)
+        latent = dcfg.sample_size
+        latents = r(batch, dcfg.in_channels, latent, latent)
+        side = latent * pipe.vae_scale_factor
+    counts = {k: int(dcfg[k]) for k in spec.blocks}
     return E2EContext(device, dtype, model, family, size, pipe, sched_cfg, embeds, latents, side, side, batch,
-                      guidance_scale, seed, compile_mode, compile_cap_s, compile_backend, tuple(graph_methods))
+                      guidance_scale, seed, compile_mode, compile_cap_s, compile_backend, tuple(graph_methods),
+                      counts)
 
 
 @dataclass
@@ -533,7 +712,9 @@ def _attempt(ctx: E2EContext, v: Variant, method: str | None, steps: int, cap: f
             synchronize(ctx.device)
         warm_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(ctx.device) - before if cuda else None
-    return _Live(v, runner, method, first, peak, out.detach().float().clone(), {}, warm_s)
+    describe = getattr(runner, "describe", None)
+    return _Live(v, runner, method, first, peak, out.detach().float().clone(), describe() if describe else {},
+                 warm_s)
 
 
 def _methods(ctx: E2EContext, v: Variant) -> list[tuple[str | None, float | None, str | None]]:
@@ -559,17 +740,18 @@ def run_e2e(
     dtype: torch.dtype,
     *,
     model: str = "sd15",
-    steps: int = 25,
+    steps: int | None = None,
     repeats: int = 3,
     variants: Sequence[str] = VARIANT_NAMES,
     batch: int = 1,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     seed: int = 0,
     compile_mode: str = RECIPE_COMPILE_MODE,
     compile_cap_s: float = 0.0,
     compile_backend: str = "inductor",
     graph_methods: Sequence[str] = ("cuda_graph", "reduce-overhead"),
     fp32_reference: bool = False,
+    blocks: Sequence[int] | None = None,
     progress: Progress | None = None,
     context: E2EContext | None = None,
     deadline: float | None = None,
@@ -578,18 +760,23 @@ def run_e2e(
 
     Args:
         device, dtype: where and in which dtype the pipelines run.
-        model: one of :data:`MODELS` (``sd15`` at 512², ``sdxl`` at 1024²; ``-tiny`` for CPU tests).
-        steps: sampling steps per call (>= 4).
+        model: one of :data:`MODELS` (``sd15`` at 512², ``sdxl``, ``flux`` and ``sd3`` at 1024²; ``-tiny`` for
+            CPU tests).
+        steps: sampling steps per call (>= 4; None: the model's default, 25 for the UNets, 28 for Flux / SD3).
         repeats: timed calls per variant (taken in rounds across the variants).
         variants: names from :data:`VARIANT_NAMES`.
-        batch: images per call (the UNet sees twice that with classifier-free guidance).
-        guidance_scale, seed: the pipelines' guidance scale; the seed of the weights and inputs.
+        batch: images per call (with classifier-free guidance the denoiser sees twice that; Flux's guidance
+            embedding needs one evaluation per image).
+        guidance_scale, seed: the pipelines' guidance scale (None: the model's default); the seed of the
+            weights and inputs.
         compile_mode: the torch.compile mode compiled variants try first (the recipe's by default); when it
             does not finish within ``compile_cap_s`` the variant falls back to ``"default"`` and records it.
         compile_cap_s: seconds one compile may take (0: compiled variants are recorded as not run).
         compile_backend: ``torch.compile`` backend (``"inductor"``; tests use ``"eager"``).
         graph_methods: what ``diffusers_graph`` tries (``"cuda_graph"``, ``"reduce-overhead"``).
         fp32_reference: also run the stock pipeline in float32 (untimed) and judge every output against it.
+        blocks: a transformer's block counts (:func:`check_blocks`), None for its config's own (ignored with
+            ``context``, which was built with its own).
         progress: progress display or None.
         context: a prepared :func:`build_context` (default: built here).
         deadline: a ``time.perf_counter()`` value the run must end by: a variant whose setup would leave too
@@ -605,6 +792,8 @@ def run_e2e(
     for m in graph_methods:
         if m not in ("cuda_graph", "reduce-overhead"):
             raise ValueError(f"graph_methods: unknown method {m!r}; expected cuda_graph, reduce-overhead")
+    if steps is None:
+        steps = MODEL_SPECS[(model if context is None else context.model).partition("-")[0]].steps
     if steps < max(SYNC_STEPS):
         raise ValueError(f"steps must be >= {max(SYNC_STEPS)}, got {steps}")
     if repeats < 1:
@@ -613,14 +802,9 @@ def run_e2e(
         raise ValueError(f"compile_cap_s must be >= 0, got {compile_cap_s}")
     ctx = context or build_context(model, device, dtype, batch=batch, guidance_scale=guidance_scale, seed=seed,
                                    compile_mode=compile_mode, compile_cap_s=compile_cap_s,
-                                   compile_backend=compile_backend, graph_methods=graph_methods)
-    label = (f"b{ctx.batch}-cfg-{ctx.height}x{ctx.width}-dpmsolver++2m-{steps}steps")
-    prefix = f"e2e/{ctx.model}/{label}/{dtype_name(dtype)}/"
-    params = {"model": ctx.model, "pipeline": type(ctx.pipe).__name__, "unet": "diffusers UNet2DConditionModel",
-              "weights": f"random ({ctx.size} config, seed {ctx.seed})", "batch": ctx.batch,
-              "cfg_batch": 2 * ctx.batch, "height": ctx.height, "width": ctx.width,
-              "latent": list(ctx.latents.shape), "steps": steps, "scheduler": "DPMSolverMultistepScheduler",
-              "guidance_scale": ctx.guidance_scale, "repeats": repeats, "output_type": "latent"}
+                                   compile_backend=compile_backend, graph_methods=graph_methods, blocks=blocks)
+    prefix = f"e2e/{ctx.model}/{case_label(ctx, steps)}/{dtype_name(dtype)}/"
+    params = _run_params(ctx, steps, repeats)
     skipped: list[dict] = []
     live: list[_Live] = []
     table = [v for v in VARIANTS if v.name in variants]
@@ -639,6 +823,7 @@ def run_e2e(
         return deadline - time.perf_counter() - tail - 5.0
 
     # 1. Set up each variant: build, warm up (compile, capture) under the cap, record memory and output.
+    pristine = ctx.weights_fingerprint() if ctx.shares_weights else None
     for v in table:
         key = prefix + v.name
         if progress is not None:
@@ -646,12 +831,12 @@ def run_e2e(
         if time_left_for_setup() < 1.0:
             skip(skipped, key, out_of_time)
             continue
-        if v.cuda_only and not ctx.cuda:
-            skip(skipped, key, "needs a CUDA device (CUDA graphs)")
-            continue
-        why = v.available(ctx)
+        why = v.available(ctx)  # first: a variant that does not apply to the model says so on any device
         if why is not None:
             skip(skipped, key, why)
+            continue
+        if v.cuda_only and not ctx.cuda:
+            skip(skipped, key, "needs a CUDA device (CUDA graphs)")
             continue
         attempts: dict[str, Any] = {}
         got: list[_Live] = []
@@ -676,6 +861,10 @@ def run_e2e(
                 attempts[label_m] = first_line(exc)
                 _free(ctx.device)
                 continue
+            finally:
+                if pristine is not None and not same_fingerprint(ctx.weights_fingerprint(), pristine):
+                    raise RuntimeError(f"e2e variant {v.name} changed the shared weights of the {ctx.model} "
+                                       "transformer in place; every later variant would run other weights")
             got.append(entry)
             if v.compiled:  # the first mode that compiles in time is the one measured
                 break
@@ -742,6 +931,48 @@ def run_e2e(
     return cases, skipped
 
 
+def case_label(ctx: E2EContext, steps: int) -> str:
+    """The run's part of the case keys, e.g. ``b1-cfg-512x512-dpmsolver++2m-25steps`` (UNets) or
+    ``b1-guidance-1024x1024-flowmatch_euler-28steps-blocks4+8`` (transformers: their block counts, so a
+    Flux-shaped model with fewer blocks is never compared with the full one)."""
+    spec = ctx.spec
+    label = (f"b{ctx.batch}-{'cfg' if spec.cfg else 'guidance'}-{ctx.height}x{ctx.width}-{spec.sampler_label}-"
+             f"{steps}steps")
+    if ctx.blocks:
+        label += "-blocks" + "+".join(str(n) for n in ctx.blocks.values())
+    return label
+
+
+def _run_params(ctx: E2EContext, steps: int, repeats: int) -> dict:
+    """The ``params`` every case of the run shares."""
+    spec = ctx.spec
+    den = ctx.denoiser
+    p = {"model": ctx.model, "pipeline": type(ctx.pipe).__name__, "denoiser": f"diffusers {type(den).__name__}",
+         "weights": f"random ({ctx.size} config, seed {ctx.seed}, "
+                    f"{'N(0, 1/fan_in) drawn on the device' if ctx.shares_weights else 'module init'})",
+         "batch": ctx.batch, "cfg_batch": (2 if spec.cfg else 1) * ctx.batch,
+         "guidance": "classifier-free" if spec.cfg else "guidance embedding", "height": ctx.height,
+         "width": ctx.width, "latent": list(ctx.latents.shape), "steps": steps, "scheduler": spec.scheduler,
+         "guidance_scale": ctx.guidance_scale, "repeats": repeats, "output_type": "latent",
+         "parameters": sum(t.numel() for t in den.parameters())}
+    if spec.denoiser == "unet":
+        p["unet"] = "diffusers UNet2DConditionModel"
+    if ctx.blocks:
+        from ..integrations.diffusers import configs
+
+        full = configs.transformer_config(ctx.family, "full")
+        p["blocks"] = dict(ctx.blocks)
+        p["blocks_published"] = {k: full[k] for k in ctx.blocks}
+        p["full_depth"] = ctx.size == "full" and p["blocks"] == p["blocks_published"]
+        cfg = den.config
+        p["heads"], p["head_dim"] = cfg.num_attention_heads, cfg.attention_head_dim
+        p["text_tokens"] = int(ctx.embeds["prompt_embeds"].shape[1])
+        patch = cfg.patch_size if ctx.family == "sd3" else 2  # Flux packs 2x2 latent patches
+        p["image_tokens"] = (ctx.height // ctx.pipe.vae_scale_factor // patch) ** 2
+        p["weights_shared_by_variants"] = True
+    return p
+
+
 def _case(ctx: E2EContext, e: _Live, counts: dict[int, SyncCounter], prefix: str, params: dict,
           steps: int) -> dict:
     times = e.times
@@ -755,6 +986,8 @@ def _case(ctx: E2EContext, e: _Live, counts: dict[int, SyncCounter], prefix: str
         p["compile_mode"] = e.method
         p["compile_mode_requested"] = ctx.compile_mode
         p["compile_backend"] = ctx.compile_backend
+    if v.name == "diffusers_compile":
+        p["recipe"] = compile_recipe(ctx)
     case = {
         "key": prefix + v.name + (f"@{e.method}" if v.name == "diffusers_graph" else ""),
         "suite": "e2e", "op": "e2e", "set": ctx.model, "impl": v.name, "kind": v.kind, "family": v.family,
@@ -800,15 +1033,8 @@ def _pick_graph_method(cases: list[dict], tried: Sequence[str]) -> None:
 
 def _fp32_output(ctx: E2EContext, steps: int) -> torch.Tensor | None:
     """The stock pipeline in float32 on the same weights and inputs (the trajectory's float64-free yardstick)."""
-    from diffusers import DPMSolverMultistepScheduler
-
     try:
-        comps = {k: v for k, v in ctx.pipe.components.items()
-                 if k in inspect.signature(type(ctx.pipe)).parameters}
-        comps.update(unet=copy.deepcopy(ctx.pipe.unet).float(),
-                     scheduler=DPMSolverMultistepScheduler.from_config(ctx.scheduler_config))
-        pipe = type(ctx.pipe)(**comps)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = ctx.fresh_pipeline(dtype=torch.float32)
         embeds = {k: t.float() for k, t in ctx.embeds.items()}
         out = pipe(**embeds, latents=ctx.latents.float(), num_inference_steps=steps,
                    guidance_scale=ctx.guidance_scale, height=ctx.height, width=ctx.width, output_type="latent")

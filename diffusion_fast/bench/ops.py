@@ -50,7 +50,7 @@ from .progress import Progress
 from .timing import measure, measure_graph, rotation_count
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SETS = ("tiny", "sd15", "sdxl", "large")
+SETS = ("tiny", "sd15", "sdxl", "large", "dit")
 
 # Representative sampler coefficients (a CFG scale of 7.5, an epsilon model at sigma 2, a 2nd-order update).
 _COEF = {G: 7.5, P: 1.0, Q: -2.0, AX: 0.8, AD: 0.25, AZ: 0.1, BX: 0.0, BD: 0.0, CIN: 0.45}
@@ -115,7 +115,8 @@ class OpSpec:
     oracle: Callable[[dict], tuple[list, list, list]]  # (exact float64, yardstick, storage dtype) per output
 
     def shapes(self, set_name: str, dtype: torch.dtype) -> list[Shape]:
-        return [self.shape(entry, set_name, dtype) for entry in self.sets[set_name]]
+        """The op's shapes in ``set_name`` (none when the set has nothing for this op, e.g. GroupNorm in ``dit``)."""
+        return [self.shape(entry, set_name, dtype) for entry in self.sets.get(set_name, [])]
 
 
 # ---- group_norm: (shape, groups). SD1.5 at 512^2 with the CFG batch of 2; SDXL at 1024^2; large is
@@ -163,32 +164,42 @@ GROUP_NORM = OpSpec(
                       [t["x"].dtype]),
 )
 
-# ---- attention: (B, Sq, Sk, H, D). Self-attention has Sk == Sq; cross-attention reads 77 text tokens.
-ATTENTION_SETS: dict[str, list[tuple[int, int, int, int, int]]] = {
+# ---- attention: (B, Sq, Sk, H, D[, text tokens]). Self-attention has Sk == Sq; cross-attention reads 77 text
+# tokens; joint attention (the DiTs: Flux, SD3) is self-attention over image tokens followed by text tokens, the
+# sixth entry. dit: Flux at 1024^2 (4096 image + 512 T5 tokens, 24 heads of 128; one evaluation per step: B = 1)
+# and SD3 at 1024^2 (4096 image + 77 CLIP + 256 T5 = 333 text tokens, 24 heads of 64, CFG: B = 2); the joint
+# lengths 4608 and 4429 are not multiples of the kernels' tiles (4429 is odd), which is the point.
+ATTENTION_SETS: dict[str, list[tuple[int, ...]]] = {
     "tiny": [(1, 64, 64, 2, 40), (1, 37, 77, 3, 24)],
     "sd15": [(2, 4096, 4096, 8, 40), (2, 1024, 1024, 8, 80), (2, 256, 256, 8, 160),
              (2, 4096, 77, 8, 40), (2, 1024, 77, 8, 80), (2, 256, 77, 8, 160)],
     "sdxl": [(2, 4096, 4096, 10, 64), (2, 1024, 1024, 20, 64), (2, 4096, 77, 10, 64), (2, 1024, 77, 20, 64)],
     "large": [(2, 4096, 4096, 16, 128), (1, 16384, 16384, 16, 64)],
+    "dit": [(1, 4096 + 512, 4096 + 512, 24, 128, 512), (2, 4096 + 333, 4096 + 333, 24, 64, 333)],
 }
 SDPA_BASELINES = (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
                   ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH"))
 
 
 def _attn_shape(entry, set_name: str, dtype: torch.dtype) -> Shape:
-    B, Sq, Sk, H, D = entry
+    B, Sq, Sk, H, D = entry[:5]
+    text = entry[5] if len(entry) > 5 else None
     flops = 4 * B * H * Sq * Sk * D
     nbytes = (2 * B * Sq * H * D + 2 * B * Sk * H * D) * _itemsize(dtype)
-    kind = "self" if Sk == Sq else "cross"
-    name = f"{kind}-b{B}-h{H}-s{Sq}" + (f"-k{Sk}" if kind == "cross" else "") + f"-d{D}"
+    kind = "joint" if text is not None else "self" if Sk == Sq else "cross"
+    if kind == "joint":
+        name = f"joint-b{B}-h{H}-s{Sq - text}+{text}-d{D}"
+    else:
+        name = f"{kind}-b{B}-h{H}-s{Sq}" + (f"-k{Sk}" if kind == "cross" else "") + f"-d{D}"
+    extra = {} if text is None else {"image_tokens": Sq - text, "text_tokens": text}
 
     def make(device, dt, gen):
         return {"q": _randn((B, Sq, H, D), gen, device, dt), "k": _randn((B, Sk, H, D), gen, device, dt),
                 "v": _randn((B, Sk, H, D), gen, device, dt)}
 
     return Shape("attention", set_name, name,
-                 {"B": B, "Sq": Sq, "Sk": Sk, "H": H, "D": D, "kind": kind, "layout": "BSHD"}, nbytes, flops, nbytes,
-                 make)
+                 {"B": B, "Sq": Sq, "Sk": Sk, "H": H, "D": D, "kind": kind, "layout": "BSHD", **extra}, nbytes, flops,
+                 nbytes, make)
 
 
 def _sdpa_forced(sdpa_name: str):
@@ -253,6 +264,7 @@ SAMPLER_STEP_SETS: dict[str, list[tuple[tuple[int, ...], int, bool]]] = {
     "sd15": [((1, 4, 64, 64), 1, False), ((1, 4, 64, 64), 0, True)],
     "sdxl": [((1, 4, 128, 128), 1, False)],
     "large": [((4, 16, 1024, 1024), 1, False)],
+    "dit": [((1, 16, 128, 128), 1, False)],  # SD3's 16-channel latents at 1024^2, CFG
 }
 
 

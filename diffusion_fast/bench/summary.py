@@ -65,15 +65,16 @@ def headlines(doc: dict) -> list[tuple[str, str, str]]:
         out.append((f"group_norm+silu large: fraction of copy bandwidth (auto, worst shape, {when})",
                     f"{frac(worst, 'frac_copy_peak'):.2f} ({worst['params'].get('auto_pick', worst['impl'])})",
                     ">= 0.85"))
-    r = rows("attention", "sd15")
-    ratios = []
-    for c, cs in r:
-        sdpa = [_gpu_ms(b) for b in cs if b["impl"].startswith("sdpa_") and b["kind"] == "baseline"]
-        if sdpa:
-            ratios.append(min(sdpa) / _gpu_ms(c))
-    if ratios:
-        out.append((f"attention sd15: auto vs the best torch SDPA backend (worst shape, {when})",
-                    f"{min(ratios):.2f}x", ">= 1.0x"))
+    for set_name, what, target in (("sd15", "sd15", ">= 1.0x"),
+                                   ("dit", "dit (Flux / SD3 joint)", "none set")):
+        ratios = []
+        for c, cs in rows("attention", set_name):
+            sdpa = [_gpu_ms(b) for b in cs if b["impl"].startswith("sdpa_") and b["kind"] == "baseline"]
+            if sdpa:
+                ratios.append(min(sdpa) / _gpu_ms(c))
+        if ratios:
+            out.append((f"attention {what}: auto vs the best torch SDPA backend (worst shape, {when})",
+                        f"{min(ratios):.2f}x", target))
     autos = [c for cs in by_shape.values() for c in cs if c["impl"] == "auto"
              and "auto_picks_fastest_graph" in c["params"]]
     if autos:
@@ -103,6 +104,9 @@ def headlines(doc: dict) -> list[tuple[str, str, str]]:
         best = min(mine, key=lambda c: c["median_ms"])
         out.append((f"e2e {model}: {best['impl']} vs {base}", f"{got[base]['median_ms'] / best['median_ms']:.2f}x",
                     f">= {target}x"))
+    if e2e:
+        bad = [c for got in e2e.values() for c in got.values() if c["params"].get("output_finite") is False]
+        out.append(("e2e variants whose output is not finite", str(len(bad)), "0"))
     for model, got in e2e.items():
         for c in got.values():
             if c.get("family") == "df" and "within_tolerance" in c["params"]:

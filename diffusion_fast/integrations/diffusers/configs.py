@@ -9,7 +9,8 @@ serves it).
 * :func:`pipeline` — ``pipeline("sd15", size="tiny")`` builds a stock diffusers pipeline (``sd15``,
   ``sd15-img2img``, ``sdxl``, ``sdxl-img2img``, ``flux``, ``flux-img2img``, ``sd3``, ``sd3-img2img``,
   ``pixart-sigma``) with random weights drawn from a seeded generator, so the same call gives the same
-  weights.
+  weights. ``init="fast"`` builds the parameters on the meta device and draws them on the target device
+  (:func:`fill_random`): a full-size Flux transformer (12 B parameters) is ready on a GPU in seconds.
 * :func:`word_tokenizer` — a CLIP tokenizer whose vocabulary is the 256 byte symbols (no merges, no files
   to fetch): any prompt tokenizes, one token per character.
 * :func:`conditioning` — random text conditioning of the right shapes (and the call options) for a
@@ -23,7 +24,9 @@ them with ``prompt_embeds`` / ``pooled_prompt_embeds`` (and the negative ones fo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -160,7 +163,73 @@ def scheduler_config(name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _build(factory, seed: int, dtype: torch.dtype, device):
+INITS = ("module", "fast")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While active, every parameter a module registers is moved to the meta device (no memory, and the
+    module's own init functions run on it as no-ops); buffers stay where they are built, with their values
+    (position tables and the like are computed in ``__init__``, not drawn)."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, *, seed: int, dtype: torch.dtype,
+                device: torch.device | str) -> torch.nn.Module:
+    """Give every parameter of ``model`` that lives on the meta device random values on ``device``, in place.
+
+    Parameters are drawn in ``named_modules`` order from one ``torch.Generator`` on ``device`` seeded with
+    ``seed``, directly in ``dtype`` (no float32 copy), at a scale that keeps activations of order one through
+    a deep stack of blocks: a weight of two or more dims (linear, convolution, embedding tables such as
+    PixArt's ``scale_shift_table``) ``N(0, 1/fan_in)`` with ``fan_in`` the product of its trailing dims, and
+    the bias of such a layer likewise; a one-dim ``weight`` (LayerNorm, RMSNorm, GroupNorm) ``1 + N(0, 0.1^2)``
+    and any other one-dim parameter ``N(0, 0.1^2)`` — not exactly one and zero, so a kernel that drops a norm's
+    affine parameters shows up in a comparison. Tied parameters stay tied. The same seed, device, dtype and
+    module gives the same values (a CUDA generator draws other numbers than a CPU one).
+
+    Returns ``model``, its parameters on ``device`` in ``dtype`` (``requires_grad`` as they were).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) in done:
+                module._parameters[name] = done[id(p)]
+                continue
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.ndim >= 2:
+                t.normal_(0.0, max(1, math.prod(p.shape[1:])) ** -0.5, generator=gen)
+            elif name == "bias" and getattr(module, "weight", None) is not None and module.weight.ndim >= 2:
+                t.normal_(0.0, max(1, math.prod(module.weight.shape[1:])) ** -0.5, generator=gen)
+            elif name == "weight":
+                t.normal_(1.0, 0.1, generator=gen)
+            else:
+                t.normal_(0.0, 0.1, generator=gen)
+            new = torch.nn.Parameter(t, requires_grad=p.requires_grad)
+            done[id(p)] = module._parameters[name] = new
+    return model
+
+
+def _build(factory, seed: int, dtype: torch.dtype, device, init: str = "module"):
+    if init == "fast":
+        with torch.device("cpu"), _parameters_on_meta():
+            model = factory()
+        fill_random(model, seed=seed, dtype=dtype, device=device)
+        return model.to(device=device, dtype=dtype).eval()  # the buffers, built on the host
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory()
@@ -207,7 +276,15 @@ def _clip(hidden: int, projection: bool, seed: int, dtype, device, layers: int =
     return _build(lambda: cls(cfg), seed, dtype, device)
 
 
-def _vae(size: str, family: str, seed: int, dtype, device):
+def _override(cfg: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    for key, value in (overrides or {}).items():
+        if key not in cfg:
+            raise ValueError(f"overrides: {key!r} is not a key of this denoiser's config; keys: {', '.join(cfg)}")
+        cfg[key] = value
+    return cfg
+
+
+def _vae(size: str, family: str, seed: int, dtype, device, init: str = "module"):
     from diffusers import AutoencoderKL
 
     cfg = dict(_VAE[size])
@@ -217,11 +294,11 @@ def _vae(size: str, family: str, seed: int, dtype, device):
         cfg["use_quant_conv"] = cfg["use_post_quant_conv"] = False
     elif family == "sdxl":
         cfg["scaling_factor"] = 0.13025
-    return _build(lambda: AutoencoderKL(**cfg), seed, dtype, device)
+    return _build(lambda: AutoencoderKL(**cfg), seed, dtype, device, init)
 
 
 def pipeline(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-             text_encoders: bool | None = None):
+             text_encoders: bool | None = None, init: str = "module", overrides: dict[str, Any] | None = None):
     """A stock diffusers pipeline with random weights (the same for the same ``seed``).
 
     Args:
@@ -233,6 +310,12 @@ def pipeline(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float3
         text_encoders: build random CLIP text encoders with :func:`word_tokenizer` (default: True for the
             tiny UNet pipelines, False otherwise; the transformer pipelines never get them — pass
             :func:`conditioning`).
+        init: how the denoiser and the VAE get their weights: "module" (each module's own init rule, drawn
+            from the global RNG seeded with ``seed``, built where the caller's default device is) or "fast"
+            (parameters built on the meta device and drawn on ``device`` in ``dtype`` by :func:`fill_random`;
+            the way to build a full-size Flux or SD3). The tiny text encoders always use their own rule.
+        overrides: config keys of the denoiser (UNet or transformer) to replace, e.g.
+            ``{"num_layers": 4, "num_single_layers": 8}`` for a Flux-shaped transformer with fewer blocks.
 
     Returns:
         The diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``,
@@ -244,6 +327,7 @@ def pipeline(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float3
 
     _check_choice("name", name, PIPELINES)
     _check_choice("size", size, SIZES)
+    _check_choice("init", init, INITS)
     family = _family(name)
     img2img = name.endswith("-img2img")
     unet_family = family in ("sd15", "sdxl")
@@ -255,11 +339,11 @@ def pipeline(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float3
     sched_cfg = scheduler_config(family)
     scheduler_cls = getattr(diffusers, sched_cfg.pop("_class_name"))
     scheduler = scheduler_cls.from_config(sched_cfg)
-    vae = _vae(size, family, seed + 1, dtype, device)
+    vae = _vae(size, family, seed + 1, dtype, device, init)
     parts: dict[str, Any] = {"scheduler": scheduler, "vae": vae}
     if unet_family:
-        parts["unet"] = _build(lambda: diffusers.UNet2DConditionModel(**unet_config(family, size)), seed, dtype,
-                               device)
+        ucfg = _override(unet_config(family, size), overrides)
+        parts["unet"] = _build(lambda: diffusers.UNet2DConditionModel(**ucfg), seed, dtype, device, init)
         hidden = {"tiny": 32, "full": 768}[size]
         te = tok = te2 = tok2 = None
         if text_encoders:
@@ -279,7 +363,8 @@ def pipeline(name: str, size: str = "tiny", *, dtype: torch.dtype = torch.float3
         models = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
                   "pixart-sigma": "PixArtTransformer2DModel"}
         model_cls = getattr(diffusers, models[family])
-        parts["transformer"] = _build(lambda: model_cls(**transformer_config(family, size)), seed, dtype, device)
+        tcfg = _override(transformer_config(family, size), overrides)
+        parts["transformer"] = _build(lambda: model_cls(**tcfg), seed, dtype, device, init)
         if family == "flux":
             parts.update(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
             cls = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
