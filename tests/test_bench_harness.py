@@ -688,11 +688,11 @@ def test_e2e_flux_runs_every_variant_a_cpu_can_and_says_why_not_the_others(flux_
     ctx, (cases, skipped) = flux_run
     by = {c["impl"]: c for c in cases}
     df_runs = _df_api()[1] is None
-    assert set(by) == {"diffusers_eager", "diffusers_compile"} | ({"df_kernels"} if df_runs else set())
+    assert set(by) == {"diffusers_eager", "diffusers_compile"} | ({"df_kernels", "df_fused"} if df_runs else set())
     reasons = {s["key"].rsplit("/", 1)[1]: s["reason"] for s in skipped}
     assert set(reasons) | set(by) == {
         "diffusers_eager", "diffusers_graph", "diffusers_compile", "ours_eager", "ours_fast", "ours_fast_graph",
-        "ours_fast_cl", "ours_fast_graph_cl", "df_kernels", "df_fused_graph", "df_fused_graph_compile"}
+        "ours_fast_cl", "ours_fast_graph_cl", "df_kernels", "df_fused", "df_fused_graph", "df_fused_graph_compile"}
     for name in ("ours_eager", "ours_fast", "ours_fast_graph", "ours_fast_cl", "ours_fast_graph_cl"):
         assert reasons[name] == ("not available: our own network is a UNet; flux-tiny runs FluxTransformer2DModel "
                                  "(ours_* do not apply; df_* run it)")
@@ -719,9 +719,10 @@ def test_e2e_flux_runs_every_variant_a_cpu_can_and_says_why_not_the_others(flux_
     assert eager["params"]["rel_l2_diff"] == 0.0
     assert "fuse_qkv_projections" in by["diffusers_compile"]["params"]["recipe"]
     if df_runs:  # optimize() served every attention module of the transformer, and its calls
-        p = by["df_kernels"]["params"]
-        assert p["attention_modules_on_df"] == "5/5" and p["attention_calls_on_df"] > 0
-        assert p["attention_calls_on_stock"] == 0
+        for name in ("df_kernels", "df_fused"):
+            p = by[name]["params"]
+            assert p["attention_modules_on_df"] == "5/5" and p["attention_calls_on_df"] > 0
+            assert p["attention_calls_on_stock"] == 0
     den = ctx.denoiser
     assert (den.config.num_layers, den.config.num_single_layers) == (2, 3)
     assert all(t.device.type == "cpu" for t in den.parameters())  # nothing left on the meta device

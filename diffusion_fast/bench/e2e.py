@@ -23,9 +23,10 @@ blocks (``blocks``: recorded in the key and in ``params.blocks``). Variants (``f
   as one CUDA graph (SD1.5-layout UNets only; others are recorded as not available); ``ours_fast_cl`` and
   ``ours_fast_graph_cl`` the same with the network in channels_last. The transformer models record all five
   as not available (there is no transformer of our own);
-* ``df_kernels`` — ``optimize(pipe)``; ``df_fused_graph`` — ``optimize(pipe, fused_loop=True,
-  cuda_graph=True)``; ``df_fused_graph_compile`` — the same with the denoiser under ``torch.compile`` (our custom
-  ops inside the compiled graph). Each is one entry calling the public integration API; when that API is not
+* ``df_kernels`` — ``optimize(pipe)``; ``df_fused`` — ``optimize(pipe, fused_loop=True)`` (the fused loop,
+  eager); ``df_fused_graph`` — ``optimize(pipe, fused_loop=True, cuda_graph=True)``;
+  ``df_fused_graph_compile`` — the same with the denoiser under ``torch.compile`` (our custom ops inside the
+  compiled graph). Each is one entry calling the public integration API; when that API is not
   importable, lacks an option or raises ``NotImplementedError`` for it, the variant is recorded under
   ``skipped`` as ``not available: <reason>``; a case records what ``optimize`` made of the denoiser
   (``params.attention_modules_on_df`` and the calls it served).
@@ -564,6 +565,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ours_fast_cl", "ours", _ours("ours_fast_cl"), available=_ours_available),
     Variant("ours_fast_graph_cl", "ours", _ours("ours_fast_graph_cl"), cuda_only=True, available=_ours_available),
     _variant_df("df_kernels"),
+    _variant_df("df_fused", fused_loop=True),
     _variant_df("df_fused_graph", cuda_only=True, fused_loop=True, cuda_graph=True),
     _variant_df("df_fused_graph_compile", cuda_only=True, compiled=True, fused_loop=True, cuda_graph=True),
 )
