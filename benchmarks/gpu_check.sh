@@ -18,13 +18,15 @@
 #               28 steps, 3 rounds, E2E_FLUX_BLOCKS double,single blocks
 #               (default 3,6 of the published 19,38); compile cap 0: the
 #               compiled variants are recorded as not run
-#   ops         op benchmarks sd15, sdxl, dit (Flux / SD3 joint attention),  120      120       80
+#   ops         op benchmarks sd15, sdxl, dit (Flux / SD3 joint attention),  105      130       70
 #               large, in that order: every backend + auto + baselines,
 #               host-issued and graph-replay GPU time, peaks of this card
 #               (a run short of time drops the last shapes of large)
-#   profile     one SD1.5 UNet forward (diffusers', ours) in a CUDA graph     45       90       25
+#   profile     one SD1.5 UNet forward (diffusers', ours) in a CUDA graph     45      100       25
 #               under torch.profiler: GPU time per kernel and per category
-#   tests       `pytest -m gpu`, one process per file, three at a time        90       40       45
+#   tests       `pytest -m gpu` (kernels, loop, graphs, the diffusers         120       40       55
+#               integration in bf16 and its graph replay), three processes
+#               at a time
 #   sanitizer   compute-sanitizer memcheck + racecheck on sanitize_cuda.py  2x45       10       40
 #   summary     merge the JSON, print the short table LAST                      -        -        5
 #                                                                                 typical total ~535 of 540
@@ -218,7 +220,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------ ops
 S=$(date +%s)
-T=$(cap 120 120)
+T=$(cap 105 130)
 stamp "ops (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   if [ "$MODE" = gpu ]; then
@@ -236,7 +238,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------ profile
 S=$(date +%s)
-T=$(cap 45 90)
+T=$(cap 45 100)
 stamp "profile (cap ${T}s)"
 if [ "$T" -gt 0 ]; then
   REPLAYS=5
@@ -250,16 +252,20 @@ fi
 
 # ------------------------------------------------------------------------------------------------ tests
 S=$(date +%s)
-T=$(cap 90 40)
+T=$(cap 120 40)
 stamp "GPU tests (cap ${T}s)"
+# One pytest process per item: a file, or NAME=file,file,... for files that share a process (fewer start-ups).
 TEST_FILES="tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_attention_sdpa.py
   tests/test_group_norm_cuda.py tests/test_group_norm_triton.py tests/test_sampler_step_cuda.py
-  tests/test_sampler_step_triton.py tests/test_graph.py tests/test_gpu_loop.py tests/test_pipeline.py"
+  tests/test_sampler_step_triton.py tests/test_graph.py tests/test_gpu_loop.py tests/test_pipeline.py
+  diffusers=tests/test_diffusers_optimize.py,tests/test_diffusers_dit.py,tests/test_diffusers_fused.py,tests/test_diffusers_scheduler.py
+  sampling=tests/test_sample_model_kwargs.py,tests/test_sample_generators.py,tests/test_noise.py,tests/test_sampler_step_slots.py"
+ALL_TEST_FILES=$(echo $TEST_FILES | tr ' ' '\n' | sed 's/^[a-z_]*=//' | tr ',' ' ')
 mkdir -p "$WORK/tests"
 if [ "$T" -gt 0 ] && [ "$MODE" = smoke ]; then
   # Nothing marked gpu runs on a CPU: the smoke run only checks that every file and its gpu tests collect.
   # shellcheck disable=SC2086
-  timeout "$T" "$PY" -m pytest -q --no-header -p no:cacheprovider -m gpu --collect-only $TEST_FILES \
+  timeout "$T" "$PY" -m pytest -q --no-header -p no:cacheprovider -m gpu --collect-only $ALL_TEST_FILES \
     > "$WORK/tests/collect.log" 2>&1
   RC=$?
   echo "=== collect-only rc=$RC" >> "$WORK/tests/collect.log"
@@ -271,8 +277,9 @@ elif [ "$T" -gt 0 ]; then
   PYTEST_ARGS="-q --no-header -rf -p no:cacheprovider -m gpu"
   export PYTEST_ARGS PY WORK
   echo $TEST_FILES | tr ' ' '\n' | timeout "$T" xargs -P 3 -I{} sh -c \
-    'f={}; log="$WORK/tests/$(basename $f .py).log"; timeout 80 "$PY" -m pytest $PYTEST_ARGS "$f" > "$log" 2>&1;
-     echo "=== $f rc=$?" >> "$log"'
+    'f={}; case $f in *=*) name=${f%%=*}; files=$(echo "${f#*=}" | tr , " ");; *) name=$(basename $f .py); files=$f;;
+     esac; log="$WORK/tests/$name.log"; timeout 100 "$PY" -m pytest $PYTEST_ARGS $files > "$log" 2>&1;
+     echo "=== $name rc=$?" >> "$log"'
   TEST_RC=0
   for f in "$WORK"/tests/*.log; do
     cat "$f" >> "$WORK/gpu_tests.log"
